@@ -178,24 +178,41 @@ def load_tokenizer(name: str, padding_side: str = "left"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = padding_side
-    ensure_chat_template(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        from transformers import AutoConfig
+
+        ensure_chat_template(tokenizer, getattr(AutoConfig.from_pretrained(path), "model_type", None))
     return tokenizer
+
+
+def default_device_map():
+    """This process's GPU (``LOCAL_RANK`` under ``accelerate launch``) when there is one, else the CPU; None
+    under DeepSpeed ZeRO-3, which places (and shards) the weights itself and refuses a device map."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return "cpu"
 
 
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
-               quant_storage=None):
+               quant_storage=None, bnb_config=None):
     """Load a causal LM, optionally quantised with bitsandbytes and with a PEFT adapter on top.
 
     ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``); it is loaded
-    trainable when ``is_trainable``. ``device_map`` defaults to the one GPU when there is one, else the CPU.
+    trainable when ``is_trainable``. ``bnb_config`` (a ready ``BitsAndBytesConfig``, e.g. from
+    ``trl.get_quantization_config(model_args)``) replaces the 4/8-bit flags. ``device_map`` defaults to
+    :func:`default_device_map`.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
-    quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_storage)
+    quant = bnb_config or quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_storage)
     if device_map is None:
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+        device_map = default_device_map()
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, quantization_config=quant,
                                                  device_map=device_map)

@@ -88,3 +88,16 @@ def merge_parts(parts_dir: str | os.PathLike, order: Sequence | None = None, key
 def dist_info() -> tuple[int, int]:
     """(rank, world size) under ``accelerate launch``/torchrun, (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def pending_indices(ids: Sequence, writer: PartWriter, rank: int, world_size: int) -> list[int]:
+    """Indices (into ``ids``) of this process's share that no part holds yet."""
+    return [i for i in shard_items(range(len(ids)), rank, world_size) if ids[i] not in writer.done_ids]
+
+
+def wait_for_everyone() -> None:
+    """Barrier across ``accelerate launch`` processes (a no-op in a single process)."""
+    if dist_info()[1] > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

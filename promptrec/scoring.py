@@ -172,24 +172,34 @@ class Scorer:
         self.n_embedded += len(texts)
         return np.asarray(vectors, dtype=np.float32)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embeddings of ``texts``, shape (n, d), float32, L2-normalised; each distinct string is embedded once."""
+    def encode(self, texts: list[str], cache: bool = True) -> np.ndarray:
+        """Embeddings of ``texts``, shape (n, d), float32, L2-normalised; each distinct string is embedded once.
+
+        ``cache=False`` still reads the caches but stores nothing new (for throw-away strings, e.g. the mean-prompt
+        search's candidates, which would otherwise fill memory).
+        """
         texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         missing = list(dict.fromkeys(t for t in texts if t not in self._memory))
+        found: dict[str, np.ndarray] = {}
         if missing and self._disk is not None:
             found = self._disk.get(missing)
-            self._memory.update(found)
             missing = [t for t in missing if t not in found]
         if missing:
             # Longest first keeps padding low inside each batch.
             missing.sort(key=len, reverse=True)
             vectors = self._embed(missing)
-            self._memory.update(zip(missing, vectors))
-            if self._disk is not None:
+            found.update(zip(missing, vectors))
+            if cache and self._disk is not None:
                 self._disk.put(missing, vectors)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._memory[t] for t in texts])
+        if cache:
+            self._memory.update(found)
+        return np.stack([self._memory[t] if t in self._memory else found[t] for t in texts])
+
+    def count_tokens(self, text: str) -> int:
+        """Length of ``text`` in the scorer's own tokenizer (no special tokens): the mean-prompt token budget."""
+        return len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @property
     def dim(self) -> int:

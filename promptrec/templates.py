@@ -120,3 +120,13 @@ def recovery_example(original_text: str, rewritten_text: str, rewrite_prompt: st
         "prompt": recovery_messages(original_text, rewritten_text, tokenizer, max_text_tokens),
         "completion": recovery_answer(rewrite_prompt),
     }
+
+
+def preference_example(original_text: str, rewritten_text: str, chosen: str, rejected: str, tokenizer=None,
+                       max_text_tokens: int | None = 256) -> dict:
+    """A TRL conversational preference row: ``{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}``."""
+    return {
+        "prompt": recovery_messages(original_text, rewritten_text, tokenizer, max_text_tokens),
+        "chosen": recovery_answer(chosen),
+        "rejected": recovery_answer(rejected),
+    }

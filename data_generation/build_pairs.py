@@ -1,0 +1,214 @@
+"""Score candidate prompts against the true prompt (SCS) and build DPO preference pairs with a leak-free split.
+
+    python data_generation/build_pairs.py --config data_generation/configs/pairs_smollm2.yaml
+    python data_generation/build_pairs.py --config data_generation/configs/pairs_gemma_triplets.yaml
+    accelerate launch --multi_gpu --num_processes 2 data_generation/build_pairs.py --config ...  # 2 scoring shards
+
+Reads ``candidates.parquet`` (``id, candidate, source``) and the ``triplets.parquet`` beside it (both written by
+``candidates.py``). Each example's candidates are scored with the shared :class:`promptrec.scoring.Scorer` and the
+scores appended to ``<output_dir>/scores.parts/`` (a killed run resumes). Then pairs are built by
+:func:`promptrec.pairs.build_pairs` and written in TRL's conversational preference format — ``prompt`` (the shared
+recovery prompt), ``chosen``, ``rejected`` (assistant turns) plus ``id, score_chosen, score_rejected,
+source_chosen, source_rejected`` — to ``train.jsonl`` and ``eval.jsonl``, split by example id, by prompt or by
+prompt cluster (one prompt never on both sides). Also ``scores.parquet``, ``summary.json``, ``margins.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from promptrec import pairs as P
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
+from promptrec.splits import eval_mask, normalize_prompt
+from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
+from promptrec.templates import preference_example
+
+logger = logging.getLogger("build_pairs")
+SPLIT_BY = ("id", "prompt", "cluster")
+
+
+@dataclass
+class PairArguments:
+    candidates: str = field(default="checkpoints/data/smollm2/candidates.parquet", metadata={
+        "help": "Candidates from candidates.py (id, candidate, source)."})
+    triplets: str | None = field(default=None, metadata={
+        "help": "Triplets with ids (default: triplets.parquet beside the candidates)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Output folder (default: pairs/ beside them)."})
+    scorer: str = field(default="auto", metadata={"help": "SCS embedding model: auto, embedded, hub id or dir."})
+    exponent: float = field(default=3.0, metadata={"help": "SCS sharpening exponent (the competition's is 3)."})
+    scorer_batch_size: int = field(default=64, metadata={"help": "Texts per embedding batch."})
+    scorer_cache_dir: str | None = field(default=None, metadata={"help": "On-disk embedding cache (shared)."})
+    strategy: str = field(default="best_vs_worst", metadata={"help": f"One of {', '.join(P.STRATEGIES)}."})
+    min_margin: float = field(default=0.1, metadata={"help": "Smallest score_chosen - score_rejected kept."})
+    k: int = field(default=2, metadata={"help": "k of topk_bottomk."})
+    max_pairs_per_example: int | None = field(default=4, metadata={"help": "Cap per example (largest margins)."})
+    allow_true_chosen: bool = field(default=True, metadata={"help": "May the true prompt be the chosen side?"})
+    tokenizer: str = field(default="embedded", metadata={
+        "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens)."})
+    max_text_tokens: int = field(default=256, metadata={"help": "Each text is cut to this many tokens in the prompt."})
+    split_by: str = field(default="prompt", metadata={"help": f"Group kept on one side: {', '.join(SPLIT_BY)}."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of groups in eval."})
+    cluster_threshold: float = field(default=0.85, metadata={
+        "help": "split_by=cluster: prompts with cosine ≥ this (transitively) form one group."})
+    seed: int = field(default=42, metadata={"help": "Split seed."})
+
+    def __post_init__(self):
+        if self.strategy not in P.STRATEGIES:
+            raise ValueError(f"strategy must be one of {P.STRATEGIES}, not {self.strategy!r}")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, not {self.split_by!r}")
+        if self.min_margin < 0 or self.k < 1 or not 0 <= self.eval_fraction < 1:
+            raise ValueError("min_margin must be >= 0, k >= 1 and eval_fraction in [0, 1)")
+        cand = Path(self.candidates)
+        self.triplets = self.triplets or str(cand.with_name("triplets.parquet"))
+        self.output_dir = self.output_dir or str(cand.with_name("pairs"))
+
+
+def load_examples(args: PairArguments) -> pd.DataFrame:
+    """One row per triplet with its candidate and source lists (triplets without candidates are dropped)."""
+    cands = read_table(args.candidates, required=("id", "candidate", "source"), text_columns=("candidate", "source"))
+    triplets = read_table(args.triplets, required=("id", "original_text", "rewrite_prompt", "rewritten_text"))
+    cands["id"], triplets["id"] = cands["id"].astype(str), triplets["id"].astype(str)
+    unknown = set(cands["id"]) - set(triplets["id"])
+    if unknown:
+        raise DataError(f"{args.candidates}: {len(unknown)} id(s) not in {args.triplets}, e.g. {sorted(unknown)[0]}")
+    grouped = cands.groupby("id", sort=False).agg(candidates=("candidate", list), sources=("source", list))
+    return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
+
+
+def score_examples(args: PairArguments, scorer, examples: pd.DataFrame, parts_dir: Path, chunk: int = 256) -> None:
+    """Score this process's pending examples and append them to its part, ``chunk`` examples at a time."""
+    rank, world = dist_info()
+    writer = PartWriter(parts_dir, rank)
+    identity = parts_dir / "scorer.json"
+    if identity.exists() and json.loads(identity.read_text(encoding="utf-8")) != scorer.identity:
+        raise DataError(f"{parts_dir} holds scores from another scorer ({identity.read_text().strip()}); "
+                        "use a new --output_dir")
+    if rank == 0:
+        write_json(scorer.identity, identity)
+    todo = pending_indices(examples["id"].tolist(), writer, rank, world)
+    logger.info("Scoring %d of %d examples in this process (rank %d/%d)", len(todo), len(examples), rank, world)
+    for start in tqdm(range(0, len(todo), chunk), desc="score", unit="chunk", disable=not todo):
+        rows = examples.iloc[todo[start:start + chunk]]
+        scores = scorer.score_candidates(rows["candidates"].tolist(), rows["rewrite_prompt"].tolist())
+        writer.append({"id": i, "candidates": c, "sources": s, "scores": sc.tolist()}
+                      for i, c, s, sc in zip(rows["id"], rows["candidates"], rows["sources"], scores))
+
+
+def split_mask(args: PairArguments, examples: pd.DataFrame, scorer) -> np.ndarray:
+    """True for eval examples; ``cluster`` groups near-identical prompts (by embedding) before the draw."""
+    if args.split_by != "cluster":
+        return eval_mask(examples, args.eval_fraction, args.split_by, args.seed)
+    prompts = sorted({normalize_prompt(p) for p in examples["rewrite_prompt"]})
+    labels = P.cluster_by_similarity(scorer.encode(prompts), args.cluster_threshold)
+    key = {p: prompts[label] for p, label in zip(prompts, labels)}  # a cluster is named by its first prompt
+    groups = pd.DataFrame({"id": examples["rewrite_prompt"].map(lambda p: key[normalize_prompt(p)])})
+    return eval_mask(groups, args.eval_fraction, "id", args.seed)
+
+
+def pair_rows(args: PairArguments, example: dict, tokenizer) -> list[dict]:
+    """The example's pairs as TRL conversational preference rows plus ids, scores and sources."""
+    found = P.build_pairs(example["candidates"], example["scores"], args.strategy, args.min_margin,
+                          sources=example["sources"], k=args.k, max_pairs=args.max_pairs_per_example,
+                          allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"])
+    return [{"id": example["id"], **preference_example(example["original_text"], example["rewritten_text"],
+                                                       p["chosen"], p["rejected"], tokenizer, args.max_text_tokens),
+             **{k: p[k] for k in ("score_chosen", "score_rejected", "source_chosen", "source_rejected")}}
+            for p in found]
+
+
+def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, scorer) -> dict:
+    """Counts, margins and sources of the pairs, mean score per candidate source, and what each strategy gives."""
+    both = pd.concat([train, evals])
+    per_strategy = {s: sum(len(P.build_pairs(c, sc, s, args.min_margin, sources=so, k=args.k,
+                                             max_pairs=args.max_pairs_per_example,
+                                             allow_true_chosen=args.allow_true_chosen, true_prompt=t))
+                           for c, sc, so, t in zip(scored["candidates"], scored["scores"], scored["sources"],
+                                                   scored["rewrite_prompt"]))
+                    for s in P.STRATEGIES}
+    long = scored[["sources", "scores"]].explode(["sources", "scores"])
+    return {"pairs": len(both), "train_pairs": len(train), "eval_pairs": len(evals), "examples": len(scored),
+            "examples_with_pairs": int(both["id"].nunique()) if len(both) else 0,
+            "train_examples": int(train["id"].nunique()) if len(train) else 0,
+            "eval_examples": int(evals["id"].nunique()) if len(evals) else 0,
+            "strategy": args.strategy, "pairs_per_strategy": per_strategy,
+            "margin": P.margin_stats(both["score_chosen"] - both["score_rejected"]) if len(both) else P.margin_stats([]),
+            "sources": P.source_counts(both.to_dict(orient="records")),
+            "mean_score_per_source": long.groupby("sources")["scores"].agg(lambda x: round(float(np.mean(x)), 4)).to_dict(),
+            "scorer": scorer.identity, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
+                                                 "seed": args.seed}}
+
+
+def plot_margins(train: pd.DataFrame, evals: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for df, name in ((train, "train"), (evals, "eval")):
+        if len(df):
+            ax.hist(df["score_chosen"] - df["score_rejected"], bins=40, range=(0, 1), alpha=0.6,
+                    label=f"{name} ({len(df)})")
+    ax.set(xlabel="margin = score_chosen − score_rejected (SCS)", ylabel="pairs", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: PairArguments) -> dict | None:
+    from promptrec.models import load_tokenizer
+    from promptrec.scoring import Scorer
+
+    rank, world = dist_info()
+    out = Path(args.output_dir)
+    start = time.time()
+    examples = load_examples(args)
+    scorer = Scorer(args.scorer, args.exponent, batch_size=args.scorer_batch_size, cache_dir=args.scorer_cache_dir)
+    score_examples(args, scorer, examples, out / "scores.parts")
+    wait_for_everyone()
+    if rank != 0:
+        return None
+
+    parts = merge_parts(out / "scores.parts", order=examples["id"].tolist())
+    scored = examples.drop(columns=["candidates", "sources"]).merge(parts, on="id", how="inner")
+    if len(scored) < len(examples):
+        raise DataError(f"{out / 'scores.parts'}: {len(examples) - len(scored)} examples unscored; run again")
+    scored_at = time.time()
+    tokenizer = load_tokenizer(args.tokenizer)
+    is_eval = split_mask(args, scored, scorer)
+    rows = [[r for ex in scored[mask].to_dict(orient="records") for r in pair_rows(args, ex, tokenizer)]
+            for mask in (~is_eval, is_eval)]
+    train, evals = (pd.DataFrame(r, columns=list(PAIR_COLUMNS)) for r in rows)
+    write_table(train, out / "train.jsonl")
+    write_table(evals, out / "eval.jsonl")
+    write_table(scored[["id", "candidates", "sources", "scores"]].explode(["candidates", "sources", "scores"])
+                .rename(columns={"candidates": "candidate", "sources": "source", "scores": "score"}),
+                out / "scores.parquet")
+    summary = summarize(args, scored, train, evals, scorer)
+    summary.update(seconds_total=round(time.time() - start, 1), seconds_pairs=round(time.time() - scored_at, 1),
+                   processes=world, config=asdict(args))
+    write_json(summary, out / "summary.json")
+    plot_margins(train, evals, out / "margins.png", f"{args.strategy}, min_margin {args.min_margin}, "
+                 f"scorer {scorer.identity['model']}")
+    if len(train):
+        logger.info("Sample pair:\n%s", train.iloc[0].to_dict())
+    logger.info("%d pairs (%d train, %d eval) from %d examples; margin %s; chosen %s → %s", summary["pairs"],
+                len(train), len(evals), len(scored), summary["margin"], summary["sources"]["chosen"], out)
+    return summary
+
+
+if __name__ == "__main__":
+    setup_logging()
+    (script_args,) = parse_args(PairArguments)
+    run_main(lambda: main(script_args))

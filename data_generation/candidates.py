@@ -1,0 +1,222 @@
+"""Candidate recovered prompts for each triplet: policy samples, prompt-bank negatives, the mean prompt, the truth.
+
+    python data_generation/candidates.py --config data_generation/configs/candidates_smollm2.yaml
+    python data_generation/candidates.py --config data_generation/configs/candidates_gemma_triplets.yaml
+    accelerate launch --multi_gpu --num_processes 2 data_generation/candidates.py --config ... --use_cpu  # 2 shards
+
+Sources (``--sources``, any mix): ``policy`` — ``num_samples`` answers of a policy model (``embedded``, a hub id or
+a local dir, plus ``--policy_adapter checkpoints/sft/<run>``) to the shared recovery prompt, sampled in batches;
+``bank_hard`` — the prompt-bank entries nearest to the true prompt by embedding, below ``hard_ceiling`` cosine (so
+rephrasings of the truth are left out); ``bank_random`` — random bank entries below the same ceiling; ``mean`` —
+the mean prompt; ``true`` — the true prompt. Output ``<output_dir>/candidates.parquet`` (``id, candidate,
+source``), ``triplets.parquet`` (the examples used, with ids) and ``candidates.manifest.json``. Each finished
+example is appended to ``candidates.parts/``, so the same command resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from promptrec import corpus
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.pairs import TRUE_SOURCE, clean_candidate, select_negatives, stable_seed, text_key
+from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
+from promptrec.tables import DataError, write_json, write_table
+from promptrec.templates import recovery_messages
+from promptrec.triplets import read_triplets
+
+logger = logging.getLogger("candidates")
+SOURCES = ("policy", "bank_hard", "bank_random", "mean", TRUE_SOURCE)
+DEFAULT_MEAN_PROMPT = "Improve the text to this."
+
+
+@dataclass
+class CandidateArguments:
+    triplets: str = field(default="checkpoints/data/smollm2/rewrites.parquet", metadata={
+        "help": "Triplets: the rewrite step's output or an external .csv/.jsonl/.parquet/hf: file."})
+    producers: list[str] = field(default_factory=list, metadata={
+        "help": "Keep rows whose 'producer' starts with one of these (e.g. 'mostly gemma-7b-it')."})
+    rename: list[str] = field(default_factory=list, metadata={
+        "help": "Column renames FILE=OURS, e.g. text=original_text prompt=rewrite_prompt."})
+    limit: int | None = field(default=None, metadata={"help": "Use a seeded random sample of this many triplets."})
+    output_dir: str = field(default="checkpoints/data/smollm2", metadata={"help": "Where the outputs go."})
+    sources: list[str] = field(default_factory=lambda: list(SOURCES), metadata={
+        "help": f"Candidate sources, any of {', '.join(SOURCES)}."})
+    policy: str = field(default="embedded", metadata={"help": "Policy model: hub id, local dir or 'embedded'."})
+    policy_adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir on the policy (SFT run)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the policy in 4-bit (bitsandbytes)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32…"})
+    backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, no adapter)."})
+    num_samples: int = field(default=4, metadata={"help": "Policy samples per triplet."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, one sample)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens per sampled prompt."})
+    batch_size: int = field(default=8, metadata={"help": "Triplets per generate call."})
+    max_text_tokens: int = field(default=256, metadata={"help": "Each text is cut to this many tokens in the prompt."})
+    bank: list[str] = field(default_factory=lambda: ["bank"], metadata={
+        "help": "Prompt bank: 'bank' (built-in) and/or files, e.g. ../shared/data/prompts.csv."})
+    bank_column: str = field(default="rewrite_prompt", metadata={"help": "Prompt column of bank files."})
+    n_hard: int = field(default=4, metadata={"help": "Hard bank negatives per triplet."})
+    n_random: int = field(default=4, metadata={"help": "Random bank negatives per triplet."})
+    hard_ceiling: float = field(default=0.9, metadata={
+        "help": "Bank prompts at or above this cosine to the true prompt are near-duplicates, never negatives."})
+    scorer: str = field(default="auto", metadata={"help": "Embedding model for negatives: auto, embedded, id or dir."})
+    scorer_cache_dir: str | None = field(default=None, metadata={"help": "On-disk embedding cache (shared)."})
+    mean_prompt: str = field(default=DEFAULT_MEAN_PROMPT, metadata={
+        "help": "The mean prompt, or a JSON file from reward/mean_prompt.py (key 'mean_prompt')."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling, random negatives and --limit."})
+    use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is present."})
+
+    def __post_init__(self):
+        unknown = set(self.sources) - set(SOURCES)
+        if unknown or not self.sources:
+            raise ValueError(f"sources must be some of {SOURCES}, not {self.sources}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be hf or vllm, not {self.backend!r}")
+        if self.backend == "vllm" and self.policy_adapter:
+            raise ValueError("backend=vllm does not load --policy_adapter; merge the adapter first or use backend=hf")
+        if min(self.num_samples, self.batch_size) < 1 or min(self.n_hard, self.n_random) < 0:
+            raise ValueError("num_samples and batch_size must be >= 1, n_hard and n_random >= 0")
+        if any("=" not in r for r in self.rename):
+            raise ValueError(f"rename entries look like FILE_COLUMN=OUR_COLUMN, got {self.rename}")
+
+    @property
+    def rename_map(self) -> dict[str, str]:
+        return dict(r.split("=", 1) for r in self.rename)
+
+
+def load_mean_prompt(value: str) -> str:
+    """The mean prompt itself, or read from a JSON file written by ``reward/mean_prompt.py``."""
+    path = Path(value)
+    if value.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise DataError(f"{value}: no such mean-prompt file")
+        try:
+            prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
+        except (json.JSONDecodeError, AttributeError):
+            prompt = None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{value}: not a JSON object with a non-empty 'mean_prompt'")
+        return prompt.strip()
+    return value.strip()
+
+
+def load_bank(sources: list[str], column: str) -> list[str]:
+    """Distinct bank prompts (by :func:`text_key`), in file order."""
+    frames = [corpus.prompt_bank() if s == "bank" else corpus.read_prompts(s, column) for s in sources]
+    prompts = pd.concat(frames, ignore_index=True)["rewrite_prompt"].tolist()
+    return list({text_key(p): p for p in reversed(prompts)}.values())[::-1]
+
+
+def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) -> list[dict[str, list[str]]]:
+    """For each true prompt, ``{"bank_hard": [...], "bank_random": [...]}`` from the bank (empty when unused)."""
+    n_hard = args.n_hard if "bank_hard" in args.sources else 0
+    n_random = args.n_random if "bank_random" in args.sources else 0
+    if not (n_hard or n_random) or not truths:
+        return [{"bank_hard": [], "bank_random": []} for _ in truths]
+    from promptrec.scoring import Scorer
+
+    bank = load_bank(args.bank, args.bank_column)
+    scorer = Scorer(args.scorer, cache_dir=args.scorer_cache_dir)
+    logger.info("Negatives: %d bank prompts, embedded with %s", len(bank), scorer.identity["model"])
+    picks = select_negatives(scorer.encode(truths), scorer.encode(bank), n_hard, n_random, args.hard_ceiling,
+                             seeds=[stable_seed(args.seed, i) for i in ids])
+    return [{"bank_hard": [bank[j] for j in hard], "bank_random": [bank[j] for j in rand]} for hard, rand in picks]
+
+
+def make_sampler(args: CandidateArguments):
+    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs)) for the policy model."""
+    from promptrec.generation import SamplingParams, iter_generate
+    from promptrec.models import load_model, load_tokenizer
+
+    n = args.num_samples if args.temperature > 0 else 1
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
+    tokenizer = load_tokenizer(args.policy)
+    if args.backend == "vllm":
+        from promptrec.vllm_backend import vllm_batches
+
+        return tokenizer, vllm_batches(args.policy, tokenizer, params)
+    model = load_model(args.policy, adapter=args.policy_adapter, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
+                       device_map="cpu" if args.use_cpu else None)
+    model.eval()
+    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc)
+
+
+def example_record(row: dict, mean_prompt: str | None, samples: list[str], negatives: dict[str, list[str]]) -> dict:
+    """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
+    found = [(row["rewrite_prompt"], TRUE_SOURCE)] if row["_use_true"] else []
+    found += [(mean_prompt, "mean")] if mean_prompt else []
+    found += [(clean_candidate(s), "policy") for s in samples]
+    found += [(c, src) for src in ("bank_hard", "bank_random") for c in negatives[src]]
+    found = [(c, s) for c, s in found if c]
+    return {"id": row["id"], "candidates": [c for c, _ in found], "sources": [s for _, s in found],
+            "empty_samples": sum(not clean_candidate(s) for s in samples)}
+
+
+def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path) -> None:
+    """Make this process's pending share and append each finished batch to its part (resumable)."""
+    rank, world = dist_info()
+    writer = PartWriter(parts_dir, rank)
+    ids = triplets["id"].tolist()
+    todo = pending_indices(ids, writer, rank, world)
+    logger.info("%d of %d triplets to do in this process (rank %d/%d)", len(todo), len(ids), rank, world)
+    if not todo:
+        return
+    rows = triplets.assign(_use_true=TRUE_SOURCE in args.sources).iloc[todo].to_dict(orient="records")
+    mean = load_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
+    negatives = bank_negatives(args, [r["rewrite_prompt"] for r in rows], [r["id"] for r in rows])
+    if "policy" not in args.sources:
+        writer.append(example_record(r, mean, [], neg) for r, neg in zip(rows, negatives))
+        return
+    tokenizer, batches = make_sampler(args)
+    convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, args.max_text_tokens) for r in rows]
+    if rank == 0:
+        logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,
+                                                                             add_generation_prompt=True))
+    for batch, outputs in batches(convs, "sample candidates"):
+        writer.append(example_record(rows[j], mean, outs, negatives[j]) for j, outs in zip(batch, outputs))
+
+
+def main(args: CandidateArguments) -> pd.DataFrame | None:
+    rank, world = dist_info()
+    out = Path(args.output_dir)
+    start = time.time()
+    triplets, counts = read_triplets(args.triplets, args.producers, args.rename_map, args.limit, args.seed)
+    logger.info("Triplets from %s: %s", args.triplets, counts)
+    generate_candidates(args, triplets, out / "candidates.parts")
+    wait_for_everyone()
+    if rank != 0:
+        return None
+
+    merged = merge_parts(out / "candidates.parts", order=triplets["id"].tolist())
+    merged = merged[merged["id"].isin(set(triplets["id"]))]
+    if len(merged) < len(triplets):
+        raise DataError(f"{out / 'candidates.parts'}: {len(triplets) - len(merged)} triplets have no candidates "
+                        "(a process failed?); run the same command again to finish them")
+    long = merged[["id", "candidates", "sources"]].explode(["candidates", "sources"]).dropna()
+    long = long.rename(columns={"candidates": "candidate", "sources": "source"}).reset_index(drop=True)
+    write_table(long, out / "candidates.parquet")
+    write_table(triplets, out / "triplets.parquet")
+    elapsed = time.time() - start
+    manifest = {"triplets": counts, "examples": len(merged), "candidates": len(long),
+                "per_source": long["source"].value_counts().to_dict(),
+                "empty_policy_samples": int(merged["empty_samples"].sum()),
+                "candidates_per_example": float(np.round(len(long) / max(len(merged), 1), 2)),
+                "processes": world, "seconds": round(elapsed, 1), "config": asdict(args)}
+    write_json(manifest, out / "candidates.manifest.json")
+    logger.info("Wrote %d candidates for %d triplets (%s) in %.0f s → %s", len(long), len(merged),
+                manifest["per_source"], elapsed, out / "candidates.parquet")
+    return long
+
+
+if __name__ == "__main__":
+    setup_logging()
+    (script_args,) = parse_args(CandidateArguments)
+    run_main(lambda: main(script_args))

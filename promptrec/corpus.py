@@ -1,0 +1,165 @@
+"""Original texts and rewrite prompts: the built-in seed set and prompt bank, user files, chunking, filtering.
+
+All functions here are pure over lists/frames (the tokenizer, when given, only counts tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from importlib import resources
+
+import pandas as pd
+
+from promptrec.tables import DataError, read_table
+
+
+def _asset_rows(name: str) -> list[dict]:
+    text = resources.files("promptrec").joinpath("assets", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def seed_texts() -> pd.DataFrame:
+    """The project's own seed texts: columns ``text_id, genre, topic, original_text``."""
+    df = pd.DataFrame(_asset_rows("seed_texts.jsonl"))
+    return df.rename(columns={"id": "text_id", "text": "original_text"})
+
+
+def prompt_bank() -> pd.DataFrame:
+    """The project's own rewrite prompts: columns ``rewrite_prompt, prompt_category``."""
+    df = pd.DataFrame(_asset_rows("prompt_bank.jsonl"))
+    return df.rename(columns={"prompt": "rewrite_prompt", "category": "prompt_category"})
+
+
+def read_texts(path: str, text_column: str = "original_text", drop_empty: bool = False) -> pd.DataFrame:
+    """Original texts from a user file (csv/jsonl/parquet/hf:); the text column is renamed ``original_text``.
+
+    An empty or NaN text is an error naming its row, unless ``drop_empty``: then it is kept here as "" and
+    dropped (and counted) by :func:`filter_texts`.
+    """
+    rename = {text_column: "original_text"} if text_column != "original_text" else None
+    try:
+        df = read_table(path, required=[text_column], rename=rename, text_columns=[] if drop_empty else
+                        ["original_text"])
+    except DataError as err:  # name the user's column, not ours
+        raise DataError(str(err).replace("'original_text'", f"'{text_column}'")) from None
+    df["original_text"] = df["original_text"].map(lambda v: v if isinstance(v, str) else "")
+    if "text_id" not in df.columns:
+        df["text_id"] = [f"{i}" for i in range(len(df))]
+    if "genre" not in df.columns:
+        df["genre"] = "user"
+    return df
+
+
+def read_prompts(path: str, prompt_column: str = "rewrite_prompt", category_column: str = "prompt_category"
+                 ) -> pd.DataFrame:
+    """Rewrite prompts from a user file (e.g. ``../shared/data/prompts.csv`` with ``--prompt_column prompt``)."""
+    rename = {prompt_column: "rewrite_prompt"}
+    if category_column != "prompt_category":
+        rename[category_column] = "prompt_category"
+    df = read_table(path, required=[prompt_column], rename=rename, text_columns=["rewrite_prompt"])
+    if "prompt_category" not in df.columns:
+        df["prompt_category"] = "user"
+    df["prompt_category"] = df["prompt_category"].fillna("user").astype(str)
+    return df[["rewrite_prompt", "prompt_category"]]
+
+
+def normalize(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def filter_texts(df: pd.DataFrame, min_words: int = 5) -> tuple[pd.DataFrame, dict]:
+    """Drop empty, near-empty (< ``min_words`` words) and duplicate texts; return the rest and the counts."""
+    counts = Counter()
+    keep, seen = [], set()
+    for i, text in enumerate(df["original_text"]):
+        key = normalize(text)
+        if not key:
+            counts["empty"] += 1
+        elif len(key.split()) < min_words:
+            counts["near_empty"] += 1
+        elif key in seen:
+            counts["duplicate"] += 1
+        else:
+            seen.add(key)
+            keep.append(i)
+    counts["kept"] = len(keep)
+    return df.iloc[keep].reset_index(drop=True), dict(counts)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _n_tokens(text: str, tokenizer) -> int:
+    return len(text.split()) if tokenizer is None else len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chunk_text(text: str, max_tokens: int, tokenizer=None) -> list[str]:
+    """Split ``text`` into chunks of at most ``max_tokens`` tokens, at paragraph, then sentence, then word bounds."""
+    if _n_tokens(text, tokenizer) <= max_tokens:
+        return [text]
+    units: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        if _n_tokens(para, tokenizer) <= max_tokens:
+            units.append(para)
+            continue
+        for sent in _SENTENCE_END.split(para):
+            if _n_tokens(sent, tokenizer) <= max_tokens:
+                units.append(sent)
+            else:  # a monster sentence: cut by words
+                words, step = sent.split(), max(1, max_tokens // 2)
+                units.extend(" ".join(words[i:i + step]) for i in range(0, len(words), step))
+    chunks, current = [], ""
+    for unit in units:
+        joined = f"{current}\n\n{unit}" if current else unit
+        if current and _n_tokens(joined, tokenizer) > max_tokens:
+            chunks.append(current)
+            current = unit
+        else:
+            current = joined
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def chunk_texts(df: pd.DataFrame, max_tokens: int | None, tokenizer=None) -> pd.DataFrame:
+    """One row per chunk; ``text_id`` gains ``#k`` for chunks after the first."""
+    if not max_tokens:
+        return df
+    rows = []
+    for row in df.to_dict(orient="records"):
+        for k, chunk in enumerate(chunk_text(row["original_text"], max_tokens, tokenizer)):
+            rows.append({**row, "original_text": chunk, "text_id": row["text_id"] if k == 0 else f"{row['text_id']}#{k}"})
+    return pd.DataFrame(rows)
+
+
+def pair_id(original_text: str, rewrite_prompt: str) -> str:
+    """Stable id of a (text, prompt) pair: the same inputs get the same id in every run and process."""
+    return hashlib.sha1(f"{original_text}\x00{rewrite_prompt}".encode("utf-8")).hexdigest()[:16]
+
+
+def make_jobs(texts: pd.DataFrame, prompts: pd.DataFrame, prompts_per_text: int, seed: int,
+              max_pairs: int | None = None) -> pd.DataFrame:
+    """Pair each text with ``prompts_per_text`` distinct prompts drawn at random (seeded).
+
+    Returns ``id, text_id, original_text, rewrite_prompt, prompt_category``, one row per distinct pair.
+    """
+    if len(prompts) == 0:
+        raise DataError("no rewrite prompts to pair with the texts")
+    rng = random.Random(seed)
+    k = min(prompts_per_text, len(prompts))
+    rows = []
+    for text in texts.to_dict(orient="records"):
+        for j in rng.sample(range(len(prompts)), k):
+            p = prompts.iloc[j]
+            rows.append({"id": pair_id(text["original_text"], p["rewrite_prompt"]), "text_id": text["text_id"],
+                         "original_text": text["original_text"], "rewrite_prompt": p["rewrite_prompt"],
+                         "prompt_category": p["prompt_category"]})
+    jobs = pd.DataFrame(rows).drop_duplicates("id")
+    jobs = jobs.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # a capped run still spans many texts
+    if max_pairs:
+        jobs = jobs.iloc[:max_pairs].reset_index(drop=True)
+    return jobs

@@ -1,0 +1,59 @@
+"""Train/eval splits that every stage computes alike, by example id or by prompt.
+
+A row goes to eval when a seeded hash of its group key falls below ``eval_fraction``. The decision depends on
+the key alone, not on which other rows are in the file, so SFT, candidate/pair building and DPO — each reading
+the same triplets on its own — put the same examples (or the same prompts) in eval, and nothing trained on in
+one stage is evaluated on in another. ``by="prompt"`` keeps every rewrite of one prompt on one side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+SPLIT_BY = ("id", "prompt")
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Lower-case, whitespace-collapsed prompt: the group key of ``by="prompt"``."""
+    return " ".join(str(prompt).lower().split())
+
+
+def group_keys(df: pd.DataFrame, by: str = "id") -> pd.Series:
+    """The split key of each row: ``id`` (``by="id"``) or the normalised ``rewrite_prompt`` (``by="prompt"``)."""
+    if by == "id":
+        return df["id"].astype(str)
+    if by == "prompt":
+        return df["rewrite_prompt"].map(normalize_prompt)
+    raise ValueError(f"split_by must be one of {SPLIT_BY}, not '{by}'")
+
+
+def key_fraction(key: str, seed: int = 0) -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, key)``."""
+    digest = hashlib.sha1(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def eval_mask(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0) -> np.ndarray:
+    """Boolean array, True for eval rows. With more than one group and ``0 < eval_fraction < 1``, both sides get
+    at least one group (tiny sets would otherwise end with an empty side)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
+    keys = group_keys(df, by)
+    fractions = keys.map(lambda k: key_fraction(k, seed)).to_numpy()
+    mask = fractions < eval_fraction
+    if eval_fraction > 0 and keys.nunique() > 1:
+        if not mask.any():
+            mask = fractions == fractions.min()
+        elif mask.all():
+            mask = fractions != fractions.max()
+    return mask
+
+
+def split_frame(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(train, eval)`` rows of ``df`` (which needs ``id``, and ``rewrite_prompt`` for ``by="prompt"``)."""
+    mask = eval_mask(df, eval_fraction, by, seed)
+    return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)

@@ -1,0 +1,302 @@
+"""What the SFT and DPO stages share: the model with its LoRA setup, dataset rendering, the SCS eval, run saving.
+
+* **Model**: :func:`load_base` builds the base (4/8-bit per TRL's ``ModelConfig``, via
+  ``trl.get_quantization_config``) through :func:`promptrec.models.load_model`, so ``embedded`` and hub ids work
+  as everywhere else; :func:`lora_config` is ``trl.get_peft_config`` with the LoRA targets resolved per
+  architecture (:data:`LORA_TARGETS`) and checked against the model's modules.
+* **Data**: :func:`sft_dataset` renders triplets as TRL conversational prompt/completion rows through the shared
+  recovery format; :func:`read_pairs` checks TRL conversational preference rows.
+* **Eval**: :func:`scs_eval` generates a prompt per eval triplet (greedy, batched, sharded over processes) and scores
+  it against the true prompt with :class:`promptrec.scoring.Scorer`.
+* **Saving**: :func:`save_run` writes ``checkpoints/<stage>/<run>/``: adapter, tokenizer, ``run_config.json``
+  (resolved config + ``model_name_or_path`` and ``max_text_tokens`` for inference), ``metrics.json``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from promptrec.cli import asdict_all
+from promptrec.models import load_model, parse_dtype
+from promptrec.tables import DataError, read_table, write_json, write_table
+from promptrec.templates import recovery_example, recovery_messages
+from promptrec.triplets import read_triplets
+
+logger = logging.getLogger(__name__)
+
+# LoRA targets per architecture (``config.model_type``): attention and MLP projections. Phi-2 names its output
+# projection ``dense`` and its MLP ``fc1``/``fc2``; Llama-style models (Mistral, SmolLM2, Gemma, Qwen2) share names.
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = {
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "mistral": _LLAMA_STYLE,
+    "llama": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+}
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.json"
+
+
+@dataclass
+class EvalArguments:
+    """Task-format and generation-eval settings shared by the SFT and DPO scripts."""
+
+    max_text_tokens: int | None = field(default=256, metadata={
+        "help": "Token budget for each of the original and rewritten texts in the recovery prompt (cut with a "
+                "marker). Saved in run_config.json so inference renders prompts the same way."})
+    eval_scs_samples: int = field(default=64, metadata={
+        "help": "Eval triplets to generate a prompt for and score by SCS at the end (0 turns the SCS eval off)."})
+    scorer: str = field(default="auto", metadata={
+        "help": "SCS scorer: 'auto' (sentence-t5-base when available, else the embedded MiniLM), 'embedded', or a "
+                "sentence-transformers id/dir."})
+    scs_exponent: float = field(default=3.0, metadata={"help": "Exponent of the sharpened cosine similarity."})
+    gen_batch_size: int = field(default=8, metadata={"help": "Batch size of the eval generation."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest generated prompt in the SCS eval."})
+
+    def __post_init__(self):
+        if self.eval_scs_samples < 0 or self.gen_batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval_scs_samples must be >= 0, gen_batch_size and max_new_tokens >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ model & LoRA
+def default_lora_targets(model_type: str) -> list[str]:
+    """The attention + MLP projections of an architecture (``config.model_type``)."""
+    if model_type not in LORA_TARGETS:
+        raise ValueError(f"No default LoRA targets for model_type '{model_type}': set lora_target_modules "
+                         f"(e.g. all-linear); known: {', '.join(LORA_TARGETS)}")
+    return list(LORA_TARGETS[model_type])
+
+
+def check_lora_targets(model, targets) -> None:
+    """Every named target must be a module of ``model`` (PEFT only complains when *none* matches)."""
+    if isinstance(targets, str):  # "all-linear" or a regex: PEFT checks it
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"LoRA target(s) {missing} are not modules of this {model.config.model_type} model "
+                         f"(its linear layers: {', '.join(linear)})")
+
+
+def lora_config(model_args, model):
+    """``trl.get_peft_config(model_args)`` with ``lora_target_modules`` None/``auto`` resolved for ``model``."""
+    from trl import get_peft_config
+
+    targets = model_args.lora_target_modules
+    if targets in (None, "auto", ["auto"]):
+        targets = default_lora_targets(model.config.model_type)
+    check_lora_targets(model, targets)
+    return get_peft_config(dataclasses.replace(model_args, use_peft=True, lora_target_modules=targets))
+
+
+def dtype_name(model_args) -> str:
+    """``model_args.dtype`` with ``auto`` resolved (bf16/fp16 on GPU, fp32 on CPU) as a torch dtype name."""
+    return str(parse_dtype(model_args.dtype)).removeprefix("torch.")
+
+
+def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):
+    """The base model of ``model_args`` (quantised per its ``load_in_4bit``/``load_in_8bit``, NF4 settings and
+    ``bnb_4bit_quant_storage``; compute dtype = ``dtype``), with ``adapter`` on top when given."""
+    from trl import get_quantization_config
+
+    resolved = dataclasses.replace(model_args, dtype=dtype_name(model_args))
+    return load_model(model_args.model_name_or_path, adapter=adapter, dtype=resolved.dtype,
+                      bnb_config=get_quantization_config(resolved), is_trainable=is_trainable)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def read_split_triplets(path: str, producers=(), max_samples: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Triplets (``id, original_text, rewrite_prompt, rewritten_text``) via :func:`promptrec.triplets.read_triplets`,
+    with the drop counts logged."""
+    df, counts = read_triplets(path, producers=producers, limit=max_samples, seed=seed)
+    logger.info("Triplets from %s: %s", path, counts)
+    return df
+
+
+def sft_dataset(df: pd.DataFrame, tokenizer, max_text_tokens: int | None):
+    """TRL conversational prompt/completion rows (``id, prompt, completion``) of triplets, as a ``Dataset``."""
+    from datasets import Dataset
+
+    rows = [{"id": str(r.id), **recovery_example(r.original_text, r.rewritten_text, r.rewrite_prompt, tokenizer,
+                                                 max_text_tokens)} for r in df.itertuples(index=False)]
+    return Dataset.from_list(rows)
+
+
+def _messages(value, role: str, where: str) -> list[dict]:
+    """A list of ``{"role", "content"}`` dicts (parquet gives numpy arrays), checked."""
+    value = list(value) if hasattr(value, "__len__") and not isinstance(value, (str, dict)) else value
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise DataError(f"{where} is not a list of chat messages (TRL conversational format)")
+    messages = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in value]
+    if messages[-1]["role"] != role or not messages[-1]["content"].strip():
+        raise DataError(f"{where}: the last message must be a non-empty '{role}' turn")
+    return messages
+
+
+def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
+    """Preference pairs (TRL conversational: ``prompt`` user turns, ``chosen``/``rejected`` one assistant turn
+    each) as a ``Dataset`` of ``prompt, chosen, rejected``; extra columns (``id, score_*, source_*``) are dropped."""
+    from datasets import Dataset
+
+    df = read_table(path, required=("prompt", "chosen", "rejected"))
+    if max_pairs and max_pairs < len(df):
+        df = df.sample(n=max_pairs, random_state=seed).sort_index()
+    rows = []
+    for i, r in enumerate(df.itertuples(index=False), start=1):
+        rows.append({col: _messages(getattr(r, col), role, f"{path}: column '{col}' row {i}")
+                     for col, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))})
+    return Dataset.from_list(rows)
+
+
+def write_split(path: Path, source: str, producers, split_by: str, eval_fraction: float, seed: int,
+                train: pd.DataFrame, evaluation: pd.DataFrame) -> None:
+    """``split.json``: where the triplets came from and which ids went where (DPO evaluates on the same ids)."""
+    write_json({"source": source, "producers": list(producers), "split_by": split_by, "eval_fraction": eval_fraction,
+                "seed": seed, "train_ids": train["id"].tolist(), "eval_ids": evaluation["id"].tolist()}, path)
+
+
+def eval_triplets_of_split(split_path: str | Path) -> pd.DataFrame:
+    """The eval triplets named by a ``split.json`` (re-read from its source file, in the saved order)."""
+    split = json.loads(Path(split_path).read_text(encoding="utf-8"))
+    df = read_split_triplets(split["source"], split.get("producers", ()))
+    by_id = df.set_index("id")
+    missing = [i for i in split["eval_ids"] if i not in by_id.index]
+    if missing:
+        raise DataError(f"{split['source']}: {len(missing)} eval id(s) of {split_path} are gone (e.g. {missing[0]})")
+    return by_id.loc[split["eval_ids"]].reset_index()
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+def predict_prompts(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, accelerator=None) -> list[str]:
+    """Greedy recovered prompt of each triplet; rows are sharded over processes and gathered on every rank."""
+    from accelerate.utils import gather_object
+
+    from promptrec.generation import SamplingParams, generate
+    from promptrec.resumable import shard_items
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = shard_items(list(range(len(df))), rank, world)
+    conversations = [recovery_messages(df["original_text"].iloc[i], df["rewritten_text"].iloc[i], tokenizer,
+                                       eval_args.max_text_tokens) for i in mine]
+    params = SamplingParams(max_new_tokens=eval_args.max_new_tokens)
+    was_training = model.training
+    model.eval()
+    outputs = generate(model, tokenizer, conversations, params, batch_size=eval_args.gen_batch_size,
+                       progress=rank == 0, desc="SCS eval")
+    model.train(was_training)
+    pairs = list(zip(mine, (texts[0] for texts in outputs)))
+    if world > 1:
+        pairs = gather_object(pairs)
+    by_index = dict(pairs)
+    return [by_index[i] for i in range(len(df))]
+
+
+def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapters: dict[str, str | None],
+             accelerator=None, predictions_path: Path | None = None) -> dict:
+    """Mean SCS of each adapter's predictions on ``df`` (``adapters`` maps a label to an adapter name of the PEFT
+    ``model``, None = adapters disabled = the base model). Per-row predictions go to ``predictions_path``."""
+    from trl.trainer.utils import use_adapter
+
+    from promptrec.scoring import Scorer
+
+    if df.empty or not adapters:
+        return {}
+    scorer = Scorer(eval_args.scorer, exponent=eval_args.scs_exponent)
+    table = df[["id", "rewrite_prompt"]].copy()
+    result = {"n": len(df), "scorer": scorer.identity}
+    for label, adapter in adapters.items():
+        with use_adapter(model, adapter):
+            table[label] = predict_prompts(model, tokenizer, df, eval_args, accelerator)
+        table[f"scs_{label}"] = scorer.score(table[label].tolist(), table["rewrite_prompt"].tolist())
+        result[label] = float(table[f"scs_{label}"].mean())
+        logger.info("SCS eval (%s, %d rows, %s): %.4f", label, len(df), scorer.name, result[label])
+    if predictions_path is not None and (accelerator is None or accelerator.is_main_process):
+        write_table(table, predictions_path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def resolve_resume(training_args) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint dir, or ``last``/``true`` = the newest in ``output_dir`` (None when
+    there is none yet, so the same command starts or continues a run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() in ("last", "true", "yes", "auto"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        logger.info("Resuming from %s", last or "scratch (no checkpoint yet)")
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a directory")
+    return value
+
+
+def run_config(stage: str, script_args, training_args, model_args, **extra) -> dict:
+    """The resolved config of a run; top-level keys are what inference needs to rebuild the model and prompts."""
+    return {"stage": stage, "model_name_or_path": model_args.model_name_or_path,
+            "max_text_tokens": script_args.max_text_tokens, "load_in_4bit": model_args.load_in_4bit,
+            "dtype": dtype_name(model_args), **extra, **asdict_all(script_args, training_args, model_args)}
+
+
+def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...]]) -> Path | None:
+    """One panel per group of logged keys (e.g. ``("loss", "eval_loss")``) against the step; PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [keys for keys in panels if any(k in row for row in log_history for k in keys)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in log_history if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
+        ax.set_xlabel("step")
+        ax.set_title(keys[0])
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]) -> Path:
+    """Write the run folder (``training_args.output_dir``): adapter, tokenizer, ``run_config.json``,
+    ``metrics.json`` and ``curves.png``. Call on every rank (saving is collective under DeepSpeed)."""
+    out = Path(trainer.args.output_dir)
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        # DPOTrainer keeps a frozen copy of the SFT adapter named "ref" as its reference; PEFT saves every
+        # adapter, so drop that copy: the run's adapter is the trained "default" one at the folder's root.
+        shutil.rmtree(out / "ref", ignore_errors=True)
+        trainer.processing_class.save_pretrained(out)
+        write_json(config, out / RUN_CONFIG)
+        write_json(metrics, out / METRICS)
+        plot_curves(trainer.state.log_history, out / "curves.png", panels)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """``run_config.json`` of a saved run (e.g. the SFT adapter DPO starts from)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder of sft/train.py?")
+    return json.loads(path.read_text(encoding="utf-8"))
