@@ -1,0 +1,259 @@
+"""Batch prediction for the competition's ``test.csv``: validate, load the policy, generate, post-process, write.
+
+One code path for ``inference/predict.py`` (the CLI) and ``inference/kaggle_inference.ipynb`` (which builds the same
+:class:`PredictArguments` in a settings cell and calls :func:`predict_file`).
+
+Input: ``id, original_text, rewritten_text`` (csv/jsonl/parquet). Output: ``id, rewrite_prompt`` — every input id
+once, in input order, never a blank prompt — written atomically, with the resolved config beside it
+(``<output stem>.config.json``). Nothing here imports TRL, so the notebook needs only transformers and peft.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from promptrec.generation import SamplingParams, generate
+from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
+from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess
+from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
+from promptrec.templates import recovery_messages
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TEXT_TOKENS = 256
+TEXT_COLUMNS = ("original_text", "rewritten_text")
+
+
+@dataclass
+class PredictArguments:
+    """Where the test rows come from, which policy predicts them and how it decodes."""
+
+    input: str = field(default="test.csv", metadata={
+        "help": "Test table with columns id, original_text, rewritten_text (.csv, .jsonl, .parquet or hf:<name>)."})
+    output: str = field(default="submission.csv", metadata={
+        "help": "Submission to write: id,rewrite_prompt (atomically; the resolved config goes to <stem>.config.json)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Base model: hub id, local dir, merged model dir or 'embedded'. Default: the model_name_or_path "
+                "recorded in the adapter's run_config.json (else adapter_config.json), or 'embedded' without one."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "PEFT adapter dir, e.g. checkpoints/sft/<run> (its tokenizer and run_config.json are used)."})
+    load_in_4bit: bool | None = field(default=None, metadata={
+        "help": "true/false: load the base model in 4-bit NF4. Default: 4-bit when CUDA is available, else full "
+                "precision."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Compute dtype: auto (bf16/fp16 on GPU, fp32 on CPU), bfloat16, float16 or float32."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per generate() call (length-sorted batches)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest prediction in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy (default); > 0: sample at this temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (used when temperature > 0)."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget per text in the recovery prompt. Default: max_text_tokens from run_config.json, "
+                f"else {DEFAULT_MAX_TEXT_TOKENS}."})
+    nan_texts: Literal["error", "fallback"] = field(default="error", metadata={
+        "help": "A row whose original_text or rewritten_text is NaN/empty: 'error' stops with the row named; "
+                "'fallback' predicts the mean prompt for it without calling the model."})
+    raw_output: str | None = field(default=None, metadata={
+        "help": "Optional table of id, raw_prediction, rewrite_prompt, to inspect the post-processing."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.max_text_tokens is not None and self.max_text_tokens < 1:
+            raise ValueError("max_text_tokens must be >= 1")
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
+    """The test rows, checked: required columns, at least one row, unique non-empty ids, and (with
+    ``nan_texts="error"``) non-empty texts. Raises :class:`DataError` naming the file, column and row."""
+    df = read_table(path, required=TEST_COLUMNS, text_columns=TEXT_COLUMNS if nan_texts == "error" else ())
+    ids = df["id"]
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        raise DataError(f"{path}: column 'id' row {int(blank.to_numpy().nonzero()[0][0]) + 1} is empty")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        first = ids[dup].iloc[0]
+        rows = [i + 1 for i in (ids == first).to_numpy().nonzero()[0]]
+        raise DataError(f"{path}: duplicate id {first!r} in rows {', '.join(map(str, rows))}; "
+                        f"{int(ids.duplicated().sum())} duplicate row(s) in all")
+    return df
+
+
+def usable_text_mask(df: pd.DataFrame) -> pd.Series:
+    """True where both texts are non-empty strings (the rows the model sees)."""
+    ok = pd.Series(True, index=df.index)
+    for col in TEXT_COLUMNS:
+        ok &= df[col].map(lambda v: isinstance(v, str) and bool(v.strip()))
+    return ok
+
+
+def resolve_mean_prompt(value: str) -> str:
+    """A mean prompt given as the string itself or as a JSON file with a ``mean_prompt`` key."""
+    if value.strip().endswith(".json"):
+        path = Path(value.strip())
+        if not path.is_file():
+            raise DataError(f"{path}: no such mean-prompt JSON file")
+        try:
+            prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a JSON object ({type(err).__name__})") from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path}: no non-empty 'mean_prompt' string in it")
+        return " ".join(prompt.split())
+    return " ".join(value.split())
+
+
+# ---------------------------------------------------------------- policy
+
+
+def read_run_config(directory: str | None) -> dict:
+    """``run_config.json`` of a checkpoint dir, or ``{}`` when there is none."""
+    path = Path(directory) / "run_config.json" if directory else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+
+
+def find_config_value(config, key: str):
+    """The first value stored under ``key`` anywhere in a nested dict/list (run configs group their dataclasses)."""
+    if isinstance(config, dict):
+        if config.get(key) not in (None, ""):
+            return config[key]
+        values = config.values()
+    elif isinstance(config, list):
+        values = config
+    else:
+        return None
+    for value in values:
+        found = find_config_value(value, key)
+        if found is not None:
+            return found
+    return None
+
+
+def resolve_base_model(model: str | None, adapter: str | None, run_config: dict) -> str:
+    """``--model`` if given; else the base the adapter records (run_config.json, then adapter_config.json)."""
+    if model:
+        return model
+    if not adapter:
+        return "embedded"
+    name = find_config_value(run_config, "model_name_or_path")
+    if name:
+        return str(name)
+    adapter_config = Path(adapter) / "adapter_config.json"
+    if adapter_config.is_file():
+        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if name:
+            return str(name)
+    raise ModelNotFoundError(f"{adapter}: no run_config.json with model_name_or_path (nor adapter_config.json "
+                             f"base_model_name_or_path); pass --model")
+
+
+def load_policy(args: PredictArguments):
+    """``(model, tokenizer, resolved)`` where ``resolved`` holds the base model, max_text_tokens and 4-bit choice."""
+    run_config = read_run_config(args.adapter) or read_run_config(args.model if args.model else None)
+    base = resolve_base_model(args.model, args.adapter, run_config)
+    max_text_tokens = args.max_text_tokens or find_config_value(run_config, "max_text_tokens") or DEFAULT_MAX_TEXT_TOKENS
+    load_in_4bit = torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit
+    has_tokenizer = args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
+    logger.info("Loading %s%s (%s)", base, f" + adapter {args.adapter}" if args.adapter else "",
+                "4-bit" if load_in_4bit else args.dtype)
+    model = load_model(base, adapter=args.adapter, load_in_4bit=load_in_4bit, dtype=args.dtype)
+    model.eval()
+    resolved = {"model": base, "adapter": args.adapter, "max_text_tokens": int(max_text_tokens),
+                "load_in_4bit": load_in_4bit}
+    return model, tokenizer, resolved
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
+                  batch_size: int = 8, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+                  progress: bool = True) -> pd.DataFrame:
+    """Predict every row of ``test`` (``id, original_text, rewritten_text``).
+
+    Returns ``id, rewrite_prompt, raw_prediction`` in the input order. Rows with a missing text get the mean prompt
+    without a model call (``raw_prediction`` empty); ``post.mean_prompt`` must already be a prompt, not a path.
+    """
+    ok = usable_text_mask(test).to_numpy()
+    rows = test[ok]
+    conversations = [recovery_messages(o, r, tokenizer, max_text_tokens)
+                     for o, r in zip(rows["original_text"], rows["rewritten_text"])]
+    outputs = generate(model, tokenizer, conversations, params or SamplingParams(), batch_size=batch_size,
+                       progress=progress, desc="predict") if conversations else []
+    raw = [""] * len(test)
+    for position, out in zip(ok.nonzero()[0], outputs):
+        raw[position] = out[0]
+    return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [postprocess(r, post) for r in raw],
+                         "raw_prediction": raw})
+
+
+def validate_submission(submission: pd.DataFrame, ids) -> None:
+    """Every id once, in order, with a non-blank prompt; raises :class:`DataError` otherwise."""
+    if list(submission.columns[:2]) != list(SUBMISSION_COLUMNS):
+        raise DataError(f"submission columns are {list(submission.columns)}, expected {list(SUBMISSION_COLUMNS)}")
+    if list(submission["id"]) != list(ids):
+        raise DataError("submission ids differ from the input ids (order or membership)")
+    blank = submission["rewrite_prompt"].map(lambda v: not isinstance(v, str) or not v.strip())
+    if blank.any():
+        raise DataError(f"submission row {int(blank.to_numpy().nonzero()[0][0]) + 1} has a blank rewrite_prompt")
+
+
+def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, model=None, tokenizer=None
+                 ) -> pd.DataFrame:
+    """Read ``args.input``, predict, post-process, write ``args.output`` (+ config JSON); return the submission.
+
+    Pass ``model``/``tokenizer`` to reuse loaded ones (benchmarks, tests); then ``args.model``/``adapter`` are only
+    recorded, and the text budget comes from ``args.max_text_tokens``.
+    """
+    start = time.time()
+    post = post or PostprocessConfig()
+    test = read_test_table(args.input, args.nan_texts)  # fail on bad input before loading a model
+    post = replace(post, mean_prompt=resolve_mean_prompt(post.mean_prompt))
+    n_bad = int((~usable_text_mask(test)).sum())
+    if n_bad:
+        logger.warning("%s: %d row(s) with a NaN/empty text get the mean prompt", args.input, n_bad)
+    if model is None:
+        model, tokenizer, resolved = load_policy(args)
+    else:
+        resolved = {"model": args.model, "adapter": args.adapter,
+                    "max_text_tokens": args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, "load_in_4bit": None}
+    torch.manual_seed(args.seed)
+    result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
+                           resolved["max_text_tokens"], args.progress)
+    submission = result[list(SUBMISSION_COLUMNS)]
+    validate_submission(submission, test["id"])
+    output = write_table(submission, args.output)
+    if args.raw_output:
+        write_table(result[["id", "raw_prediction", "rewrite_prompt"]], args.raw_output)
+    n_fallback = sum(not clean_prediction(r, post) for r in result["raw_prediction"])
+    write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved,
+                "rows": len(test), "rows_without_text": n_bad, "mean_prompt_fallbacks": n_fallback,
+                "seconds": round(time.time() - start, 2)}, output.with_name(f"{output.stem}.config.json"))
+    logger.info("Wrote %d predictions to %s (%d fell back to the mean prompt) in %.1fs", len(submission), output,
+                n_fallback, time.time() - start)
+    return submission
