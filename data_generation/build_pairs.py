@@ -80,7 +80,7 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     cands["id"], triplets["id"] = cands["id"].astype(str), triplets["id"].astype(str)
     unknown = set(cands["id"]) - set(triplets["id"])
     if unknown:
-        raise DataError(f"{args.candidates}: {len(unknown)} id(s) not in {args.triplets}, e.g. {sorted(unknown)[0]}")
+        raise DataError(f"{args.candidates}: {len(unknown)} id(s) not in {args.triplets}, e.g. {min(unknown)}")
     grouped = cands.groupby("id", sort=False).agg(candidates=("candidate", list), sources=("source", list))
     return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
 
@@ -109,8 +109,7 @@ def split_mask(args: PairArguments, examples: pd.DataFrame, scorer) -> np.ndarra
     if args.split_by != "cluster":
         return eval_mask(examples, args.eval_fraction, args.split_by, args.seed)
     prompts = sorted({normalize_prompt(p) for p in examples["rewrite_prompt"]})
-    labels = P.cluster_by_similarity(scorer.encode(prompts), args.cluster_threshold)
-    key = {p: prompts[label] for p, label in zip(prompts, labels)}  # a cluster is named by its first prompt
+    key = dict(zip(prompts, P.prompt_cluster_keys(prompts, scorer.encode(prompts), args.cluster_threshold)))
     groups = pd.DataFrame({"id": examples["rewrite_prompt"].map(lambda p: key[normalize_prompt(p)])})
     return eval_mask(groups, args.eval_fraction, "id", args.seed)
 
@@ -135,15 +134,16 @@ def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, ev
                            for c, sc, so, t in zip(scored["candidates"], scored["scores"], scored["sources"],
                                                    scored["rewrite_prompt"]))
                     for s in P.STRATEGIES}
-    long = scored[["sources", "scores"]].explode(["sources", "scores"])
+    long = scored[["sources", "scores"]].explode(["sources", "scores"]).astype({"scores": float})
+    margins = both["score_chosen"] - both["score_rejected"] if len(both) else []
     return {"pairs": len(both), "train_pairs": len(train), "eval_pairs": len(evals), "examples": len(scored),
             "examples_with_pairs": int(both["id"].nunique()) if len(both) else 0,
             "train_examples": int(train["id"].nunique()) if len(train) else 0,
             "eval_examples": int(evals["id"].nunique()) if len(evals) else 0,
             "strategy": args.strategy, "pairs_per_strategy": per_strategy,
-            "margin": P.margin_stats(both["score_chosen"] - both["score_rejected"]) if len(both) else P.margin_stats([]),
+            "margin": P.margin_stats(margins),
             "sources": P.source_counts(both.to_dict(orient="records")),
-            "mean_score_per_source": long.groupby("sources")["scores"].agg(lambda x: round(float(np.mean(x)), 4)).to_dict(),
+            "mean_score_per_source": long.groupby("sources")["scores"].mean().round(4).to_dict(),
             "scorer": scorer.identity, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
                                                  "seed": args.seed}}
 
@@ -157,7 +157,8 @@ def plot_margins(train: pd.DataFrame, evals: pd.DataFrame, path: Path, title: st
     fig, ax = plt.subplots(figsize=(7, 4))
     for df, name in ((train, "train"), (evals, "eval")):
         if len(df):
-            ax.hist(df["score_chosen"] - df["score_rejected"], bins=40, range=(0, 1), alpha=0.6,
+            margins = df["score_chosen"] - df["score_rejected"]
+            ax.hist(margins, bins=40, range=(0, max(1.0, float(margins.max()))), alpha=0.6,
                     label=f"{name} ({len(df)})")
     ax.set(xlabel="margin = score_chosen − score_rejected (SCS)", ylabel="pairs", title=title)
     ax.legend()

@@ -15,7 +15,6 @@ example is appended to ``candidates.parts/``, so the same command resumes a kill
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,9 @@ import pandas as pd
 
 from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.pairs import TRUE_SOURCE, clean_candidate, select_negatives, stable_seed, text_key
+from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
+from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction
+from promptrec.predict import find_config_value, read_run_config, resolve_base_model, resolve_mean_prompt
 from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
 from promptrec.tables import DataError, write_json, write_table
 from promptrec.templates import recovery_messages
@@ -34,7 +35,6 @@ from promptrec.triplets import read_triplets
 
 logger = logging.getLogger("candidates")
 SOURCES = ("policy", "bank_hard", "bank_random", "mean", TRUE_SOURCE)
-DEFAULT_MEAN_PROMPT = "Improve the text to this."
 
 
 @dataclass
@@ -49,8 +49,10 @@ class CandidateArguments:
     output_dir: str = field(default="checkpoints/data/smollm2", metadata={"help": "Where the outputs go."})
     sources: list[str] = field(default_factory=lambda: list(SOURCES), metadata={
         "help": f"Candidate sources, any of {', '.join(SOURCES)}."})
-    policy: str = field(default="embedded", metadata={"help": "Policy model: hub id, local dir or 'embedded'."})
-    policy_adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir on the policy (SFT run)."})
+    policy: str | None = field(default=None, metadata={
+        "help": "Policy model: hub id, local dir or 'embedded' (default: the adapter's base model, else embedded)."})
+    policy_adapter: str | None = field(default=None, metadata={
+        "help": "PEFT adapter on the policy, e.g. checkpoints/sft/<run> (its run_config.json names the base)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the policy in 4-bit (bitsandbytes)."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32…"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, no adapter)."})
@@ -59,7 +61,8 @@ class CandidateArguments:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens per sampled prompt."})
     batch_size: int = field(default=8, metadata={"help": "Triplets per generate call."})
-    max_text_tokens: int = field(default=256, metadata={"help": "Each text is cut to this many tokens in the prompt."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Each text is cut to this many tokens in the prompt (default: the adapter's setting, else 256)."})
     bank: list[str] = field(default_factory=lambda: ["bank"], metadata={
         "help": "Prompt bank: 'bank' (built-in) and/or files, e.g. ../shared/data/prompts.csv."})
     bank_column: str = field(default="rewrite_prompt", metadata={"help": "Prompt column of bank files."})
@@ -92,22 +95,6 @@ class CandidateArguments:
         return dict(r.split("=", 1) for r in self.rename)
 
 
-def load_mean_prompt(value: str) -> str:
-    """The mean prompt itself, or read from a JSON file written by ``reward/mean_prompt.py``."""
-    path = Path(value)
-    if value.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise DataError(f"{value}: no such mean-prompt file")
-        try:
-            prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
-        except (json.JSONDecodeError, AttributeError):
-            prompt = None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{value}: not a JSON object with a non-empty 'mean_prompt'")
-        return prompt.strip()
-    return value.strip()
-
-
 def load_bank(sources: list[str], column: str) -> list[str]:
     """Distinct bank prompts (by :func:`text_key`), in file order."""
     frames = [corpus.prompt_bank() if s == "bank" else corpus.read_prompts(s, column) for s in sources]
@@ -132,32 +119,41 @@ def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) 
 
 
 def make_sampler(args: CandidateArguments):
-    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs)) for the policy model."""
+    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs), max_text_tokens) for the policy.
+
+    With an adapter, the base model, tokenizer and text budget default to what the SFT run recorded, so the
+    policy sees the prompt format it was trained on.
+    """
     from promptrec.generation import SamplingParams, iter_generate
     from promptrec.models import load_model, load_tokenizer
 
+    run_config = read_run_config(args.policy_adapter)
+    base = resolve_base_model(args.policy, args.policy_adapter, run_config)
+    max_text_tokens = args.max_text_tokens or find_config_value(run_config, "max_text_tokens") or 256
     n = args.num_samples if args.temperature > 0 else 1
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
-    tokenizer = load_tokenizer(args.policy)
+    has_tokenizer = args.policy_adapter and (Path(args.policy_adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.policy_adapter if has_tokenizer else base)
     if args.backend == "vllm":
         from promptrec.vllm_backend import vllm_batches
 
-        return tokenizer, vllm_batches(args.policy, tokenizer, params)
-    model = load_model(args.policy, adapter=args.policy_adapter, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
+        return tokenizer, vllm_batches(base, tokenizer, params), max_text_tokens
+    model = load_model(base, adapter=args.policy_adapter, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
                        device_map="cpu" if args.use_cpu else None)
     model.eval()
-    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc)
+    return (tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc),
+            max_text_tokens)
 
 
 def example_record(row: dict, mean_prompt: str | None, samples: list[str], negatives: dict[str, list[str]]) -> dict:
     """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
     found = [(row["rewrite_prompt"], TRUE_SOURCE)] if row["_use_true"] else []
     found += [(mean_prompt, "mean")] if mean_prompt else []
-    found += [(clean_candidate(s), "policy") for s in samples]
+    found += [(clean_prediction(s), "policy") for s in samples]
     found += [(c, src) for src in ("bank_hard", "bank_random") for c in negatives[src]]
     found = [(c, s) for c, s in found if c]
     return {"id": row["id"], "candidates": [c for c, _ in found], "sources": [s for _, s in found],
-            "empty_samples": sum(not clean_candidate(s) for s in samples)}
+            "unusable_samples": sum(not clean_prediction(s) for s in samples)}
 
 
 def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path) -> None:
@@ -170,13 +166,13 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
     if not todo:
         return
     rows = triplets.assign(_use_true=TRUE_SOURCE in args.sources).iloc[todo].to_dict(orient="records")
-    mean = load_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
+    mean = resolve_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
     negatives = bank_negatives(args, [r["rewrite_prompt"] for r in rows], [r["id"] for r in rows])
     if "policy" not in args.sources:
         writer.append(example_record(r, mean, [], neg) for r, neg in zip(rows, negatives))
         return
-    tokenizer, batches = make_sampler(args)
-    convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, args.max_text_tokens) for r in rows]
+    tokenizer, batches, max_text_tokens = make_sampler(args)
+    convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, max_text_tokens) for r in rows]
     if rank == 0:
         logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,
                                                                              add_generation_prompt=True))
@@ -207,7 +203,7 @@ def main(args: CandidateArguments) -> pd.DataFrame | None:
     elapsed = time.time() - start
     manifest = {"triplets": counts, "examples": len(merged), "candidates": len(long),
                 "per_source": long["source"].value_counts().to_dict(),
-                "empty_policy_samples": int(merged["empty_samples"].sum()),
+                "unusable_policy_samples": int(merged["unusable_samples"].sum()),
                 "candidates_per_example": float(np.round(len(long) / max(len(merged), 1), 2)),
                 "processes": world, "seconds": round(elapsed, 1), "config": asdict(args)}
     write_json(manifest, out / "candidates.manifest.json")

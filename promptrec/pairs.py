@@ -15,27 +15,13 @@ ignored; the first copy wins). ``max_pairs`` keeps the pairs with the largest ma
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 STRATEGIES = ("best_vs_worst", "topk_bottomk", "all_pairs")
 TRUE_SOURCE = "true"
-
-
-_LABEL = re.compile(r"^(?:the\s+)?(?:recovered\s+|original\s+|rewrite\s+)?(?:instruction|prompt)(?:\s+(?:was|is))?[\s*]*:[\s*]*",
-                    re.IGNORECASE)
-
-
-def clean_candidate(text: str, max_words: int = 60) -> str:
-    """A sampled answer as a prompt: its first non-empty line, without a "Prompt:" label, markup or quotes."""
-    line = next((ln for ln in str(text).splitlines() if ln.strip(" *#`\"'")), "")
-    line = _LABEL.sub("", line.strip(" *#`"))
-    line = " ".join(line.strip(" \"'`*").split())
-    words = line.split()
-    return " ".join(words[:max_words]) if len(words) > max_words else line
 
 
 def text_key(text: str) -> str:
@@ -138,6 +124,21 @@ def cluster_by_similarity(embeddings: np.ndarray, threshold: float, block: int =
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
     return np.array([find(i) for i in range(len(emb))])
+
+
+def prompt_cluster_keys(prompts: Sequence[str], embeddings: np.ndarray, threshold: float) -> list[str]:
+    """For each prompt, a key shared by its whole cluster (the cluster's first member in sorted order).
+
+    ``embeddings`` (n, d), L2-normalised, are those of ``prompts``; splitting on these keys keeps rephrasings of
+    one prompt on the same side of a train/eval split.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: str(prompts[i]))
+    labels = cluster_by_similarity(np.asarray(embeddings)[order], threshold)
+    first = {i: str(prompts[order[i]]) for i in range(len(order))}
+    keys = [""] * len(prompts)
+    for pos, label in enumerate(labels):
+        keys[order[pos]] = first[int(label)]
+    return keys
 
 
 # ---------------------------------------------------------------- negatives

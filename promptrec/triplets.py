@@ -14,7 +14,7 @@ from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
 
 
 def filter_producers(df: pd.DataFrame, producers: list[str] | tuple[str, ...], name: str = "triplets") -> pd.DataFrame:
-    """Rows whose ``producer`` equals or starts with one of ``producers`` (exact prefixes: 'gemma' is not 'NOT gemma')."""
+    """Rows whose ``producer`` equals or starts with one of ``producers`` ('gemma' does not match 'NOT gemma')."""
     if not producers:
         return df
     if "producer" not in df.columns:
