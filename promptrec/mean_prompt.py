@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -83,6 +83,8 @@ def beam_search(targets: np.ndarray, encode: Encode, vocabulary: list[str], *, i
             scored.update(zip(batch, mean_scs(encode(batch), targets, exponent).tolist()))
 
     init = " ".join(init.split())
+    if init and max_tokens is not None and count_tokens(init) > max_tokens:
+        raise ValueError(f"the initial prompt has {count_tokens(init)} tokens, over the token budget of {max_tokens}")
     if init:
         evaluate([init])
     beam = [init] if init else [""]  # "" only seeds the first expansion; it is never a result
