@@ -2,11 +2,11 @@
 
     python inference/predict.py --adapter checkpoints/sft/<run> --input test.csv --output submission.csv
     python inference/predict.py --model embedded --input test.csv --output submission.csv --append_mean_prompt
-    python inference/predict.py --config inference/configs/<recipe>.yaml   # YAML keys = the flags below
 
 The base model defaults to the one recorded in the adapter's run_config.json; 4-bit on a GPU, full precision on the
-CPU; greedy unless --temperature > 0. `--help` lists the post-processing switches. The Kaggle notebook
-(inference/kaggle_inference.ipynb) runs the same `promptrec.predict.predict_file`.
+CPU; greedy unless --temperature > 0. `--help` lists the post-processing switches; `--config x.yaml` takes the
+same keys as YAML. The Kaggle notebook (inference/kaggle_inference.ipynb) runs the same
+`promptrec.predict.predict_file`.
 """
 
 from __future__ import annotations

@@ -36,10 +36,10 @@ _DESCRIBED = re.compile(rf"^(?:the\s+)?(?:original\s+)?(?:{_WORDS})\s+(?:was|is)
 # The model echoing its input instead of answering.
 _ECHO = re.compile(r"^(?:the\s+)?(?:original|rewritten)\s+text\b", re.IGNORECASE)
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•+>]+|#+|\d{1,2}[.)]|\(?[a-zA-Z][.)])\s+")
-_QUOTES = "\"'“”‘’`«»"
 _PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`", "«": "»"}
+_OPENERS = {close: open_ for open_, close in _PAIRS.items()}
 _MARKDOWN = re.compile(r"\*\*|__")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(A-Z])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)]))\s+(?=[\"'“‘(A-Z])")
 # Sentences that comment on the answer rather than give it.
 _CHATTER = re.compile(
     r"^(?:this|that|these|it|note|i\b|i'm|i've|hope|let me|here|please note|the (?:rewritten|original|new) text|"
@@ -122,7 +122,22 @@ def strip_quotes(text: str) -> str:
         close = text.find(_PAIRS[text[0]], 1)
         if close > 1 and len(text[1:close].split()) >= 2:
             return text[1:close].strip()
-    return text.strip(_QUOTES + " ").strip()
+    return _strip_unmatched_quotes(text)
+
+
+def _strip_unmatched_quotes(text: str) -> str:
+    """Drop wrapping quote pairs and dangling quotes at either end; a quote closed inside the text stays."""
+    while len(text) >= 2 and text[0] in _PAIRS and text[-1] == _PAIRS[text[0]]:
+        text = text[1:-1].strip()
+    if text and text[0] in _PAIRS and _dangling(text, text[0], _PAIRS[text[0]]):
+        text = text[1:].strip()
+    if text and text[-1] in _OPENERS and _dangling(text, text[-1], _OPENERS[text[-1]]):
+        text = text[:-1].strip()
+    return text
+
+
+def _dangling(text: str, quote: str, partner: str) -> bool:
+    return text.count(partner) == (1 if partner == quote else 0)
 
 
 def split_sentences(text: str) -> list[str]:

@@ -91,7 +91,7 @@ def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
         raise DataError(f"{path}: column 'id' row {int(blank.to_numpy().nonzero()[0][0]) + 1} is empty")
     dup = ids.duplicated(keep=False)
     if dup.any():
-        first = ids[dup].iloc[0]
+        first = ids[dup].tolist()[0]
         rows = [i + 1 for i in (ids == first).to_numpy().nonzero()[0]]
         raise DataError(f"{path}: duplicate id {first!r} in rows {', '.join(map(str, rows))}; "
                         f"{int(ids.duplicated().sum())} duplicate row(s) in all")

@@ -1,0 +1,231 @@
+"""inference/predict.py and the Kaggle notebook: bad input, prediction end to end (with and without an adapter)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from promptrec.models import ModelNotFoundError, load_model
+from promptrec.postprocess import PostprocessConfig
+from promptrec.predict import (
+    PredictArguments,
+    load_policy,
+    predict_file,
+    read_test_table,
+    resolve_base_model,
+    resolve_mean_prompt,
+)
+from promptrec.tables import DataError, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "inference" / "predict.py"
+NOTEBOOK = REPO / "inference" / "kaggle_inference.ipynb"
+MEAN = "Improve the text to this."
+# Tiny decoding so the CPU tests stay fast: texts cut to 16 tokens, 4 new tokens.
+FAST = {"max_new_tokens": 4, "max_text_tokens": 16, "progress": False}
+
+
+@pytest.fixture
+def test_csv(tmp_path, tiny_triplets):
+    """Two test rows (id, original_text, rewritten_text) with ids out of sorted order."""
+    df = tiny_triplets.head(2)[["original_text", "rewritten_text"]].assign(id=["b", "a"])
+    path = tmp_path / "test.csv"
+    df[["id", "original_text", "rewritten_text"]].to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, embedded_model_dir, embedded_tokenizer):
+    """A LoRA adapter laid out as checkpoints/sft/<run>: random (non-zero) LoRA weights, tokenizer, run_config."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model("embedded", dtype="float32"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                      task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("checkpoints") / "sft" / "tiny"
+    model.save_pretrained(out)
+    embedded_tokenizer.save_pretrained(out)
+    write_json({"ModelConfig": {"model_name_or_path": "embedded"}, "ScriptArguments": {"max_text_tokens": 16}},
+               out / "run_config.json")
+    return out
+
+
+def check_submission(path, ids):
+    sub = pd.read_csv(path, keep_default_na=False)
+    assert list(sub.columns) == ["id", "rewrite_prompt"]
+    assert list(sub["id"].astype(str)) == list(ids)
+    assert all(p.strip() for p in sub["rewrite_prompt"])
+    return sub
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "the file is empty"),
+    ("id,original_text,rewritten_text\n", "no rows"),
+    ("id,original_text\n1,hello\n", "missing column(s) rewritten_text"),
+    ("id,original_text,rewritten_text\n1,a b,c d\n2,e f,g h\n1,i j,k l\n", "duplicate id 1 in rows 1, 3"),
+    ("id,original_text,rewritten_text\n1,a b,c d\n2,e f,\n", "column 'rewritten_text' row 2 is empty or not text (NaN)"),
+    ("id,original_text,rewritten_text\n1,a b,c d\n,e f,g h\n", "column 'id' row 2 is empty"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "test.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        read_test_table(str(path))
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("id,original_text,rewritten_text\nx,a b,c d\nx,e f,g h\n")
+    out = tmp_path / "submission.csv"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", str(path), "--output", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {path}: duplicate id 'x' in rows 1, 2; "
+                                                    "1 duplicate row(s) in all")
+    assert not list(tmp_path.glob("submission*"))
+
+
+def test_mean_prompt_from_string_or_json(tmp_path):
+    assert resolve_mean_prompt("  Make it  better. ") == "Make it better."
+    good = write_json({"mean_prompt": "Rewrite this text.", "score": 0.6}, tmp_path / "mean_prompt.json")
+    assert resolve_mean_prompt(str(good)) == "Rewrite this text."
+    bad = write_json({"prompt": "x"}, tmp_path / "bad.json")
+    for path, message in ((bad, "no non-empty 'mean_prompt'"), (tmp_path / "missing.json", "no such")):
+        with pytest.raises(DataError, match=message):
+            resolve_mean_prompt(str(path))
+
+
+def test_base_model_resolution(tmp_path):
+    nested = {"ModelConfig": {"model_name_or_path": "microsoft/phi-2"}, "ScriptArguments": {"max_text_tokens": 64}}
+    assert resolve_base_model("my/model", str(tmp_path), nested) == "my/model"  # --model wins
+    assert resolve_base_model(None, str(tmp_path), nested) == "microsoft/phi-2"
+    assert resolve_base_model(None, None, {}) == "embedded"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    assert resolve_base_model(None, str(tmp_path), {}) == "/models/base"
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="pass --model"):
+        resolve_base_model(None, str(tmp_path), {})
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def test_nan_texts_fallback_predicts_the_mean_prompt_without_the_model(tmp_path, test_csv, embedded_model,
+                                                                        embedded_tokenizer, monkeypatch):
+    df = pd.read_csv(test_csv)
+    df.loc[0, "original_text"] = None
+    df.to_csv(test_csv, index=False)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(DataError, match="column 'original_text' row 1"):
+        predict_file(PredictArguments(input=str(test_csv), output=str(out), **FAST), model=embedded_model,
+                     tokenizer=embedded_tokenizer)
+    import promptrec.predict as predict_module
+
+    seen = []
+    real_generate = predict_module.generate
+    monkeypatch.setattr(predict_module, "generate",
+                        lambda model, tok, convs, *a, **k: seen.append(len(convs)) or real_generate(model, tok, convs,
+                                                                                                    *a, **k))
+    args = PredictArguments(input=str(test_csv), output=str(out), nan_texts="fallback", **FAST)
+    predict_file(args, PostprocessConfig(mean_prompt="Rewrite this text."), model=embedded_model,
+                 tokenizer=embedded_tokenizer)
+    sub = check_submission(out, ["b", "a"])
+    assert seen == [1]
+    assert sub["rewrite_prompt"][0] == "Rewrite this text."
+    assert json.loads((tmp_path / "submission.config.json").read_text())["rows_without_text"] == 1
+
+
+def test_cli_without_adapter_end_to_end(tmp_path, test_csv, embedded_model_dir):
+    mean = write_json({"mean_prompt": MEAN}, tmp_path / "mean_prompt.json")
+    out = tmp_path / "sub.csv"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", str(test_csv), "--output", str(out),
+                           "--raw_output", str(tmp_path / "raw.csv"), "--mean_prompt", str(mean),
+                           "--append_mean_prompt", "--max_new_tokens", "4", "--max_text_tokens", "16",
+                           "--no_progress"], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sub = check_submission(out, ["b", "a"])
+    assert all(p.endswith(MEAN) for p in sub["rewrite_prompt"])
+    raw = pd.read_csv(tmp_path / "raw.csv", keep_default_na=False)
+    assert list(raw.columns) == ["id", "raw_prediction", "rewrite_prompt"] and raw["raw_prediction"].str.len().all()
+    config = json.loads((tmp_path / "sub.config.json").read_text())
+    assert config["resolved"] == {"model": "embedded", "adapter": None, "max_text_tokens": 16, "load_in_4bit": False}
+    assert config["postprocess"]["mean_prompt"] == MEAN
+
+
+def test_greedy_by_default_sampling_optional():
+    assert PredictArguments().sampling_params().generate_kwargs()["do_sample"] is False
+    kwargs = PredictArguments(temperature=0.7, top_p=0.9).sampling_params().generate_kwargs()
+    assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9
+    with pytest.raises(ValueError):
+        PredictArguments(temperature=-1)
+
+
+def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedded_model, embedded_tokenizer):
+    from peft import PeftModel
+
+    model, _, resolved = load_policy(PredictArguments(adapter=str(adapter_dir)))
+    assert isinstance(model, PeftModel)
+    assert resolved == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16,
+                        "load_in_4bit": False}
+    ids = embedded_tokenizer("Rewrite this as a poem.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, embedded_model(ids).logits, atol=1e-4)
+
+
+def test_predict_file_with_adapter(tmp_path, test_csv, adapter_dir):
+    out = tmp_path / "submission.csv"
+    predict_file(PredictArguments(adapter=str(adapter_dir), input=str(test_csv), output=str(out), max_new_tokens=4,
+                                  progress=False))
+    check_submission(out, ["b", "a"])
+    resolved = json.loads((tmp_path / "submission.config.json").read_text())["resolved"]
+    assert resolved["model"] == "embedded" and resolved["max_text_tokens"] == 16  # from run_config.json
+
+
+# ---------------------------------------------------------------- the Kaggle notebook
+
+
+def test_kaggle_notebook_runs_on_the_embedded_model(tmp_path, test_csv, adapter_dir, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # A kernelspec for this interpreter in a private Jupyter dir: CI machines have no registered kernel.
+    kernel_dir = tmp_path / "jupyter" / "kernels" / "promptrec-test"
+    kernel_dir.mkdir(parents=True)
+    (kernel_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "promptrec test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    out = tmp_path / "working" / "submission.csv"
+    settings = {"TEST_CSV": test_csv, "OUTPUT": out, "BASE_MODEL": "", "ADAPTER": adapter_dir, "SRC_DIR": REPO,
+                "WHEELS_DIR": "", "MAX_NEW_TOKENS": 4, "LOAD_IN_4BIT": "0", "BATCH_SIZE": 2}
+    for name, value in settings.items():
+        monkeypatch.setenv(f"PROMPTREC_{name}", str(value))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="promptrec-test", timeout=600,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    sub = check_submission(out, ["b", "a"])
+    assert all(p.endswith(MEAN) for p in sub["rewrite_prompt"])  # the notebook appends the mean prompt by default
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert f"promptrec from {REPO / 'promptrec'}" in printed
+    resolved = json.loads((out.parent / "submission.config.json").read_text())["resolved"]
+    assert resolved == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16, "load_in_4bit": False}
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
