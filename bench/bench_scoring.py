@@ -6,9 +6,10 @@
 Rows are real prompts used as truths; each row gets ``candidates`` candidates shaped like
 data_generation/candidates.py's: the truth itself, ``unique_per_row`` row-specific prompts (as a policy's samples
 are) and the rest drawn from a shared bank of ``bank_size`` prompts (negatives, which repeat across rows). Naive
-embeds each row's candidates and truth (no reuse across rows) in one batched call; cached is ``Scorer.score_candidates``
-(each distinct string once). Prints the two times, their ratio, the strings embedded and the largest score
-difference; then a warm on-disk cache; then the mean-prompt search on ``mean_prompt_prompts`` prompts.
+embeds each row's candidates and truth (no reuse across rows) in one batched call; cached is
+``Scorer.score_candidates`` (each distinct string once). Prints the two times, their ratio, the strings embedded
+and the largest score difference; then a warm on-disk cache; then the mean-prompt search on
+``mean_prompt_prompts`` prompts. The scorer is ``--scorer`` (default ``auto``: sentence-t5-base when loadable).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.scoring import Scorer, scs
+from promptrec.scoring import Scorer, ScorerArguments, scs
 from promptrec.tables import DataError, read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,6 @@ class BenchArguments:
     candidates: int = field(default=16, metadata={"help": "Candidates per row (truth + row-specific + bank)."})
     unique_per_row: int = field(default=3, metadata={"help": "Row-specific candidates per row (policy samples)."})
     bank_size: int = field(default=500, metadata={"help": "Shared negative bank the other candidates come from."})
-    scorer_model: str = field(default="embedded", metadata={"help": "Scorer: embedded, auto, hub id or dir."})
-    batch_size: int = field(default=64, metadata={"help": "Scorer batch size."})
     skip_mean_prompt: bool = field(default=False, metadata={"help": "Only run the scoring benchmark."})
     mean_prompt_prompts: int = field(default=2000, metadata={"help": "Prompts for the mean-prompt search timing."})
     mean_prompt_steps: int = field(default=16, metadata={"help": "Search steps (reward/mean_prompt.py's default)."})
@@ -64,17 +63,17 @@ def make_rows(prompts: list[str], args: BenchArguments, rng) -> tuple[list[str],
     return truths, candidates
 
 
-def bench_scoring(args: BenchArguments, truths, candidates, model) -> dict:
-    def fresh(**kw) -> Scorer:
-        scorer = Scorer(args.scorer_model, batch_size=args.batch_size, **kw)
+def bench_scoring(args: BenchArguments, scorer_args: ScorerArguments, truths, candidates, model) -> dict:
+    def fresh(cache_dir=None) -> Scorer:
+        scorer = replace(scorer_args, scorer_cache_dir=cache_dir).build()
         scorer._model = model  # share the loaded weights: time the embedding, not the loading
         return scorer
 
     # Naive: row by row, each row's candidates and its truth embedded (no reuse across rows), batched together.
     flat = [text for row, truth in zip(candidates, truths) for text in (*row, truth)]
     start = time.perf_counter()
-    vecs = model.encode(flat, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=True).reshape(len(truths), args.candidates + 1, -1)
+    vecs = model.encode(flat, batch_size=scorer_args.scorer_batch_size, normalize_embeddings=True,
+                        convert_to_numpy=True, show_progress_bar=True).reshape(len(truths), args.candidates + 1, -1)
     naive_scores = np.concatenate([scs(row[:-1], np.broadcast_to(row[-1], row[:-1].shape)) for row in vecs])
     naive_s = time.perf_counter() - start
 
@@ -95,18 +94,17 @@ def bench_scoring(args: BenchArguments, truths, candidates, model) -> dict:
             "max_abs_score_diff": float(np.abs(naive_scores - cached_scores).max())}
 
 
-def bench_mean_prompt(args: BenchArguments) -> dict:
+def bench_mean_prompt(args: BenchArguments, scorer_args: ScorerArguments) -> dict:
     sys.path.insert(0, str(REPO / "reward"))
     from mean_prompt import MeanPromptArguments, main
 
     with tempfile.TemporaryDirectory() as tmp:
         mp_args = MeanPromptArguments(prompts=[args.prompts], prompt_column=args.prompt_column,
                                       max_prompts=args.mean_prompt_prompts, max_steps=args.mean_prompt_steps,
-                                      max_candidates=args.mean_prompt_candidates, scorer_model=args.scorer_model,
-                                      batch_size=max(args.batch_size, 128), seed=args.seed,
+                                      max_candidates=args.mean_prompt_candidates, seed=args.seed,
                                       output=str(Path(tmp) / "mean_prompt.json"))
         start = time.perf_counter()
-        out = main(mp_args)
+        out = main(mp_args, replace(scorer_args, scorer_cache_dir=None))
         elapsed = time.perf_counter() - start
     return {"prompts": out["n_train"] + out["n_val"], "steps": len(out["history"]), "seconds": round(elapsed, 1),
             "s_per_step": round(elapsed / max(1, len(out["history"])), 2), "n_evaluated": out["n_evaluated"],
@@ -114,17 +112,17 @@ def bench_mean_prompt(args: BenchArguments) -> dict:
             "val_scs": round(out["val_scs"], 4), "baseline_val_scs": round(out["baseline"]["val_scs"], 4)}
 
 
-def main(args: BenchArguments) -> dict:
+def main(args: BenchArguments, scorer_args: ScorerArguments) -> dict:
     setup_logging()
     table = read_table(args.prompts, required=[args.prompt_column], text_columns=[args.prompt_column])
     prompts = sorted({" ".join(p.split()) for p in table[args.prompt_column]})
     truths, candidates = make_rows(prompts, args, np.random.default_rng(args.seed))
-    model = Scorer(args.scorer_model).model
+    model = scorer_args.build().model
     model.encode(["warm-up"] * 8)
-    result = {"scorer": args.scorer_model, "device": str(model.device), "scoring": bench_scoring(args, truths,
-                                                                                                 candidates, model)}
+    result = {"scorer": scorer_args.scorer, "device": str(model.device),
+              "scoring": bench_scoring(args, scorer_args, truths, candidates, model)}
     s = result["scoring"]
-    print(f"scoring {s['rows']} rows x {s['candidates_per_row']} candidates ({args.scorer_model} on {model.device}): "
+    print(f"scoring {s['rows']} rows x {s['candidates_per_row']} candidates ({scorer_args.scorer} on {model.device}): "
           f"naive {s['naive_s']}s ({s['naive_strings']} strings), cached {s['cached_s']}s ({s['cached_strings']} "
           f"strings) -> {s['ratio']}x; warm disk cache {s['warm_disk_cache_s']}s; max |diff| "
           f"{s['max_abs_score_diff']:.1e}")
@@ -139,4 +137,4 @@ def main(args: BenchArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args(BenchArguments)))
+    run_main(lambda: main(*parse_args(BenchArguments, ScorerArguments)))

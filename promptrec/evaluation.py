@@ -130,7 +130,7 @@ def report_markdown(report: dict, rows: pd.DataFrame, scores: np.ndarray, plot_n
         f"# SCS evaluation: {report.get('predictions', 'predictions')}", "",
         "| metric | value |", "|---|---|",
         f"| mean SCS | **{report['mean_scs']:.4f}** |",
-        f"| {ci['confidence']:.0%} bootstrap CI | {ci['low']:.4f} – {ci['high']:.4f} ({ci['n_resamples']} resamples) |",
+        f"| {ci['confidence']:.0%} bootstrap CI | {ci['low']:.4f} – {ci['high']:.4f} ({ci['n_resamples']} draws) |",
         f"| rows | {report['n']} |",
         f"| blank predictions (scored 0) | {report['n_blank']} |",
         "| median / p10 / p90 | {p50:.4f} / {p10:.4f} / {p90:.4f} |".format(**report["quantiles"]),

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,20 @@ class Scorer:
             cand = np.stack([self._memory[str(c)] for c in row])
             out.append(scs(cand, np.broadcast_to(self._memory[str(truth)], cand.shape), self.exponent))
         return out
+
+
+@dataclass
+class ScorerArguments:
+    """The scorer options every entry script that scores takes (parse it beside the script's own dataclass)."""
+
+    scorer: str = field(default="auto", metadata={
+        "help": "SCS embedding model: 'auto' (sentence-t5-base if loadable, else the embedded all-MiniLM-L6-v2), "
+                "'embedded', a hub id or a local sentence-transformers directory."})
+    scs_exponent: float = field(default=3.0, metadata={"help": "SCS exponent (the competition cubes the cosine)."})
+    scorer_batch_size: int = field(default=64, metadata={"help": "Texts per embedding batch."})
+    scorer_cache_dir: str | None = field(default=None, metadata={
+        "help": "Optional on-disk embedding cache directory, shared across runs (keyed by model and text)."})
+
+    def build(self, **kwargs) -> Scorer:
+        return Scorer(self.scorer, exponent=self.scs_exponent, batch_size=self.scorer_batch_size,
+                      cache_dir=self.scorer_cache_dir, **kwargs)

@@ -1,7 +1,7 @@
 """Score a submission with the competition metric: mean SCS, a bootstrap interval, per-category means, a plot.
 
     python reward/evaluate.py --predictions submission.csv --truth truth.csv --output_dir checkpoints/eval/my_run
-    python reward/evaluate.py --predictions sub.csv --truth truth.csv --scorer_model embedded --allow_blank
+    python reward/evaluate.py --predictions sub.csv --truth truth.csv --scorer embedded --allow_blank
 
 ``--predictions``: ``id,rewrite_prompt``; ``--truth``: ``id,rewrite_prompt[,category|prompt_category]`` (ids may come
 in any order). Writes ``report.md``, ``report.json``, ``scs_hist.png``, ``scores.csv`` (per row) and
@@ -20,7 +20,7 @@ import numpy as np
 
 from promptrec.cli import asdict_all, parse_args, run_main, setup_logging
 from promptrec.evaluation import align_predictions, plot_histogram, report_markdown, summarise
-from promptrec.scoring import Scorer
+from promptrec.scoring import ScorerArguments
 from promptrec.tables import SUBMISSION_COLUMNS, read_table, write_json, write_table
 
 logger = logging.getLogger("evaluate")
@@ -28,7 +28,7 @@ logger = logging.getLogger("evaluate")
 
 @dataclass
 class EvaluateArguments:
-    predictions: str = field(metadata={"help": "Submission file (.csv/.jsonl/.parquet) with columns id,rewrite_prompt."})
+    predictions: str = field(metadata={"help": "Submission (.csv/.jsonl/.parquet) with columns id,rewrite_prompt."})
     truth: str = field(metadata={"help": "Truth file with id,rewrite_prompt and optionally category/prompt_category."})
     output_dir: str = field(default="checkpoints/eval/latest", metadata={
         "help": "Where report.md, report.json, scs_hist.png, scores.csv and run_config.json go."})
@@ -36,11 +36,6 @@ class EvaluateArguments:
         "help": "Score blank or missing predictions 0 (and count them) instead of failing, as the competition does."})
     category_column: str | None = field(default=None, metadata={
         "help": "Truth column to group by; default: 'category' or 'prompt_category' when present."})
-    scorer_model: str = field(default="auto", metadata={
-        "help": "'auto' (sentence-t5-base if loadable, else the embedded MiniLM), 'embedded', a hub id or a dir."})
-    exponent: float = field(default=3.0, metadata={"help": "SCS exponent (the competition cubes the cosine)."})
-    batch_size: int = field(default=64, metadata={"help": "Scorer batch size."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Optional on-disk embedding cache directory."})
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the interval."})
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the bootstrap interval."})
     seed: int = field(default=42, metadata={"help": "Bootstrap seed."})
@@ -52,11 +47,11 @@ class EvaluateArguments:
             raise ValueError("n_resamples must be >= 1")
 
 
-def main(script_args: EvaluateArguments) -> dict:
+def main(script_args: EvaluateArguments, scorer_args: ScorerArguments) -> dict:
     # ── setup ──
     setup_logging()
     out = Path(script_args.output_dir)
-    logger.info("Config: %s", asdict_all(script_args))
+    logger.info("Config: %s", asdict_all(script_args, scorer_args))
 
     # ── data ──
     predictions = read_table(script_args.predictions, required=SUBMISSION_COLUMNS)
@@ -66,8 +61,7 @@ def main(script_args: EvaluateArguments) -> dict:
     logger.info("%d rows, %d blank", len(rows), int(rows["blank"].sum()))
 
     # ── score ── (blank rows score 0 and are never embedded)
-    scorer = Scorer(script_args.scorer_model, exponent=script_args.exponent, batch_size=script_args.batch_size,
-                    cache_dir=script_args.cache_dir)
+    scorer = scorer_args.build()
     scores = np.zeros(len(rows))
     filled = ~rows["blank"].to_numpy()
     scores[filled] = scorer.score(rows.loc[filled, "prediction"].tolist(), rows.loc[filled, "truth"].tolist())
@@ -80,12 +74,12 @@ def main(script_args: EvaluateArguments) -> dict:
     write_table(rows.assign(scs=scores), out / "scores.csv")
     write_json(report, out / "report.json")
     (out / "report.md").write_text(report_markdown(report, rows, scores, plot_name="scs_hist.png"), encoding="utf-8")
-    write_json({**asdict_all(script_args), "scorer": scorer.identity}, out / "run_config.json")
+    write_json({**asdict_all(script_args, scorer_args), "scorer": scorer.identity}, out / "run_config.json")
     ci = report["ci"]
-    logger.info("mean SCS %.4f (%.0f%% CI %.4f–%.4f) over %d rows → %s", report["mean_scs"], 100 * ci["confidence"],
-                ci["low"], ci["high"], report["n"], out / "report.md")
+    logger.info("mean SCS %.4f (%.0f%% CI %.4f–%.4f) over %d rows → %s", report["mean_scs"],
+                100 * ci["confidence"], ci["low"], ci["high"], report["n"], out / "report.md")
     return report
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args(EvaluateArguments)))
+    run_main(lambda: main(*parse_args(EvaluateArguments, ScorerArguments)))

@@ -2,7 +2,7 @@
 
     python reward/mean_prompt.py --config reward/configs/mean_prompt.yaml
     python reward/mean_prompt.py --prompts ../shared/data/prompts.csv --prompt_column prompt --max_prompts 2000 \\
-        --scorer_model auto --output checkpoints/reward/mean_prompt.json
+        --scorer auto --output checkpoints/reward/mean_prompt.json
 
 Beam search over word appends and insertions from a vocabulary (default: the most common words of the training
 prompts), within a token budget in the scorer's tokenizer; a held-out validation split shows how the string
@@ -23,7 +23,7 @@ import numpy as np
 from promptrec import corpus
 from promptrec.cli import asdict_all, parse_args, run_main, setup_logging
 from promptrec.mean_prompt import beam_search, build_vocabulary, mean_scs
-from promptrec.scoring import Scorer
+from promptrec.scoring import ScorerArguments
 from promptrec.tables import DataError, read_table, write_json
 
 logger = logging.getLogger("mean_prompt")
@@ -32,13 +32,14 @@ logger = logging.getLogger("mean_prompt")
 @dataclass
 class MeanPromptArguments:
     prompts: list[str] = field(default_factory=lambda: ["bank"], metadata={
-        "help": "Prompt sets: 'bank' (built-in) and/or files (.csv/.jsonl/.parquet, hf:), e.g. ../shared/data/prompts.csv."})
+        "help": "Prompt sets: 'bank' (built-in) and/or files (.csv/.jsonl/.parquet, hf:), "
+                "e.g. ../shared/data/prompts.csv."})
     prompt_column: str = field(default="rewrite_prompt", metadata={"help": "Prompt column in the files ('prompt' "
                                                                            "for ../shared/data/prompts.csv)."})
     max_prompts: int | None = field(default=2000, metadata={"help": "Random sample of this many distinct prompts."})
     val_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for validation."})
     vocab_size: int = field(default=150, metadata={"help": "Words in the vocabulary (most common in train prompts)."})
-    vocab_min_count: int = field(default=2, metadata={"help": "A vocabulary word occurs in at least this many prompts."})
+    vocab_min_count: int = field(default=2, metadata={"help": "A vocabulary word is in at least this many prompts."})
     vocabulary_file: str | None = field(default=None, metadata={
         "help": "Use these words instead (one per line); the vocabulary then comes only from this file."})
     init_prompt: str = field(default="", metadata={"help": "Start from this string (default: the best single word)."})
@@ -49,11 +50,6 @@ class MeanPromptArguments:
     max_candidates: int = field(default=2000, metadata={"help": "Candidates scored per step (seeded random subset)."})
     baseline_prompt: str = field(default="Improve the text to this.", metadata={
         "help": "Constant prompt scored on the same splits for comparison (the competition's 0.60 baseline)."})
-    scorer_model: str = field(default="auto", metadata={
-        "help": "'auto' (sentence-t5-base if loadable, else the embedded MiniLM), 'embedded', a hub id or a dir."})
-    exponent: float = field(default=3.0, metadata={"help": "SCS exponent."})
-    batch_size: int = field(default=128, metadata={"help": "Scorer batch size."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Optional on-disk cache of the prompt embeddings."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling, the split and candidate subsets."})
     output: str = field(default="checkpoints/reward/mean_prompt.json", metadata={"help": "Output JSON."})
 
@@ -80,16 +76,16 @@ def load_split(args: MeanPromptArguments) -> tuple[list[str], list[str]]:
 
 
 def read_vocabulary(path: str) -> list[str]:
-    words = list(dict.fromkeys(w for line in Path(path).read_text(encoding="utf-8").splitlines() for w in line.split()))
+    words = list(dict.fromkeys(Path(path).read_text(encoding="utf-8").split()))
     if not words:
         raise DataError(f"{path}: no words")
     return words
 
 
-def main(script_args: MeanPromptArguments) -> dict:
+def main(script_args: MeanPromptArguments, scorer_args: ScorerArguments) -> dict:
     # ── setup ──
     setup_logging()
-    logger.info("Config: %s", asdict_all(script_args))
+    logger.info("Config: %s", asdict_all(script_args, scorer_args))
     start = time.perf_counter()
 
     # ── data ──
@@ -100,8 +96,7 @@ def main(script_args: MeanPromptArguments) -> dict:
                 len(vocabulary), ", ".join(vocabulary[:12]))
 
     # ── embed ──
-    scorer = Scorer(script_args.scorer_model, exponent=script_args.exponent, batch_size=script_args.batch_size,
-                    cache_dir=script_args.cache_dir)
+    scorer = scorer_args.build()
     train_vecs, val_vecs = scorer.encode(train), scorer.encode(val)
 
     # ── search ── candidates are throw-away strings: don't let them fill the caches
@@ -109,7 +104,7 @@ def main(script_args: MeanPromptArguments) -> dict:
                          init=script_args.init_prompt, beam_width=script_args.beam_width,
                          max_steps=script_args.max_steps, max_tokens=script_args.max_tokens,
                          count_tokens=scorer.count_tokens, insertions=script_args.insertions,
-                         max_candidates=script_args.max_candidates, exponent=script_args.exponent,
+                         max_candidates=script_args.max_candidates, exponent=scorer.exponent,
                          seed=script_args.seed, progress=True)
 
     # ── score & save ──
@@ -132,7 +127,7 @@ def main(script_args: MeanPromptArguments) -> dict:
         "n_evaluated": result.n_evaluated,
         "elapsed_s": round(time.perf_counter() - start, 1),
         "history": result.history,
-        "config": asdict_all(script_args),
+        "config": asdict_all(script_args, scorer_args),
     }
     write_json(out, script_args.output)
     logger.info("mean prompt %r: train %.4f, val %.4f (baseline %r: train %.4f, val %.4f) → %s", result.prompt,
@@ -142,4 +137,4 @@ def main(script_args: MeanPromptArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args(MeanPromptArguments)))
+    run_main(lambda: main(*parse_args(MeanPromptArguments, ScorerArguments)))

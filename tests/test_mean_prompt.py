@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from promptrec.mean_prompt import beam_search, build_vocabulary, expand, mean_scs
+from promptrec.scoring import ScorerArguments
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "Improve the text to this."
@@ -70,9 +71,9 @@ def test_mean_prompt_beats_the_constant_on_held_out_prompts(shared_prompts, tmp_
     spec.loader.exec_module(script)
     args = script.MeanPromptArguments(
         prompts=[str(tmp_path / "prompts.csv")], prompt_column="prompt", max_prompts=300, val_fraction=0.5,
-        vocab_size=30, beam_width=2, max_steps=3, max_candidates=60, scorer_model="embedded",
+        vocab_size=30, beam_width=2, max_steps=3, max_candidates=60,
         output=str(tmp_path / "mean_prompt.json"))
-    out = script.main(args)
+    out = script.main(args, ScorerArguments(scorer="embedded"))
     saved = json.loads((tmp_path / "mean_prompt.json").read_text())
     assert saved["mean_prompt"] == out["mean_prompt"] and saved["n_train"] == saved["n_val"] == 150
     assert saved["scorer"]["model"].startswith("all-MiniLM") and saved["config"]["MeanPromptArguments"]["seed"] == 42

@@ -18,7 +18,7 @@ from promptrec import scoring
 from promptrec.cli import parse_args
 from promptrec.evaluation import align_predictions, bootstrap_ci, summarise
 from promptrec.models import ModelNotFoundError
-from promptrec.scoring import Scorer, scs
+from promptrec.scoring import Scorer, ScorerArguments, scs
 from promptrec.tables import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def test_unknown_hub_id_fails_fast(monkeypatch):
 # ── evaluation ──
 
 def _truth(n=6):
-    return pd.DataFrame({"id": [f"r{i}" for i in range(n)], "rewrite_prompt": [f"Prompt number {i}." for i in range(n)],
-                         "category": ["a", "b"] * (n // 2)})
+    return pd.DataFrame({"id": [f"r{i}" for i in range(n)], "category": ["a", "b"] * (n // 2),
+                         "rewrite_prompt": [f"Prompt number {i}." for i in range(n)]})
 
 
 def test_align_accepts_any_order_and_keeps_the_truths():
@@ -175,10 +175,10 @@ def test_evaluate_writes_report_and_plot(tmp_path):
     truth.to_csv(tmp_path / "truth.csv", index=False)
     preds.to_csv(tmp_path / "sub.csv", index=False)
     evaluate = load_script("evaluate")
-    (args,) = parse_args(evaluate.EvaluateArguments, args=[
+    args, scorer_args = parse_args(evaluate.EvaluateArguments, ScorerArguments, args=[
         "--predictions", str(tmp_path / "sub.csv"), "--truth", str(tmp_path / "truth.csv"),
-        "--output_dir", str(tmp_path / "out"), "--scorer_model", "embedded", "--n_resamples", "200"])
-    report = evaluate.main(args)
+        "--output_dir", str(tmp_path / "out"), "--scorer", "embedded", "--n_resamples", "200"])
+    report = evaluate.main(args, scorer_args)
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "scs_hist.png", "scores.csv",
                                                 "run_config.json"}
@@ -215,7 +215,7 @@ def test_readme_commands_and_recipes_parse():
     assert len(commands) >= 3
     for argv in commands:
         name = argv[0].removeprefix("reward/").removesuffix(".py")
-        parse_args(getattr(scripts[name], dataclass_of[name]), args=argv[1:])
+        parse_args(getattr(scripts[name], dataclass_of[name]), ScorerArguments, args=argv[1:])
     for recipe in (REPO / "reward" / "configs").glob("*.yaml"):
         name = "evaluate" if recipe.stem.startswith("evaluate") else "mean_prompt"
-        parse_args(getattr(scripts[name], dataclass_of[name]), args=["--config", str(recipe)])
+        parse_args(getattr(scripts[name], dataclass_of[name]), ScorerArguments, args=["--config", str(recipe)])
