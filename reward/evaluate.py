@@ -33,7 +33,8 @@ class EvaluateArguments:
     output_dir: str = field(default="checkpoints/eval/latest", metadata={
         "help": "Where report.md, report.json, scs_hist.png, scores.csv and run_config.json go."})
     allow_blank: bool = field(default=False, metadata={
-        "help": "Score blank or missing predictions 0 (and count them) instead of failing, as the competition does."})
+        "help": "Score blank or missing predictions 0 (and count them) instead of failing (as the competition "
+                "rejects them)."})
     category_column: str | None = field(default=None, metadata={
         "help": "Truth column to group by; default: 'category' or 'prompt_category' when present."})
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the interval."})
