@@ -45,7 +45,8 @@ def is_identical(text: str, original: str) -> bool:
     return normalize(text) == normalize(original)
 
 
-def clean_rewrite(text: str, original: str, rules: tuple[str, ...] | list[str] = RULES) -> tuple[str | None, str | None]:
+def clean_rewrite(text: str, original: str, rules: tuple[str, ...] | list[str] = RULES
+                  ) -> tuple[str | None, str | None]:
     """Apply the enabled rules: ``(cleaned_text, None)`` to keep, ``(None, rule)`` naming the rule that dropped it."""
     text = (text or "").strip()
     if "strip_preamble" in rules:

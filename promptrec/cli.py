@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from promptrec.models import ModelNotFoundError
 from promptrec.tables import DataError

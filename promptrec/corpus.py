@@ -41,11 +41,7 @@ def read_texts(path: str, text_column: str = "original_text", drop_empty: bool =
     dropped (and counted) by :func:`filter_texts`.
     """
     rename = {text_column: "original_text"} if text_column != "original_text" else None
-    try:
-        df = read_table(path, required=[text_column], rename=rename, text_columns=[] if drop_empty else
-                        ["original_text"])
-    except DataError as err:  # name the user's column, not ours
-        raise DataError(str(err).replace("'original_text'", f"'{text_column}'")) from None
+    df = read_table(path, required=[text_column], rename=rename, text_columns=[] if drop_empty else [text_column])
     df["original_text"] = df["original_text"].map(lambda v: v if isinstance(v, str) else "")
     if "text_id" not in df.columns:
         df["text_id"] = [f"{i}" for i in range(len(df))]
@@ -60,7 +56,7 @@ def read_prompts(path: str, prompt_column: str = "rewrite_prompt", category_colu
     rename = {prompt_column: "rewrite_prompt"}
     if category_column != "prompt_category":
         rename[category_column] = "prompt_category"
-    df = read_table(path, required=[prompt_column], rename=rename, text_columns=["rewrite_prompt"])
+    df = read_table(path, required=[prompt_column], rename=rename, text_columns=[prompt_column])
     if "prompt_category" not in df.columns:
         df["prompt_category"] = "user"
     df["prompt_category"] = df["prompt_category"].fillna("user").astype(str)
@@ -132,13 +128,14 @@ def chunk_texts(df: pd.DataFrame, max_tokens: int | None, tokenizer=None) -> pd.
     rows = []
     for row in df.to_dict(orient="records"):
         for k, chunk in enumerate(chunk_text(row["original_text"], max_tokens, tokenizer)):
-            rows.append({**row, "original_text": chunk, "text_id": row["text_id"] if k == 0 else f"{row['text_id']}#{k}"})
+            text_id = row["text_id"] if k == 0 else f"{row['text_id']}#{k}"
+            rows.append({**row, "original_text": chunk, "text_id": text_id})
     return pd.DataFrame(rows)
 
 
 def pair_id(original_text: str, rewrite_prompt: str) -> str:
     """Stable id of a (text, prompt) pair: the same inputs get the same id in every run and process."""
-    return hashlib.sha1(f"{original_text}\x00{rewrite_prompt}".encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(f"{original_text}\x00{rewrite_prompt}".encode()).hexdigest()[:16]
 
 
 def make_jobs(texts: pd.DataFrame, prompts: pd.DataFrame, prompts_per_text: int, seed: int,

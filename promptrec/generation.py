@@ -7,8 +7,8 @@ in input order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm

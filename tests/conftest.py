@@ -26,7 +26,7 @@ TINY_TRIPLETS = [
      "Three days of rain, the river rose,\nThe valley drowned where the wheat once grows."),
     ("Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen.",
      "Explain this to a five-year-old.",
-     "Plants eat sunshine! They drink water and breathe air, and they make their own sugar snack and fresh air for us."),
+     "Plants eat sunshine! They drink water and breathe air, and make their own sugar snack and fresh air for us."),
     ("I am writing to complain about the late delivery of my order, which arrived two weeks after the promised date.",
      "Make this text more polite and formal.",
      "I would like to respectfully bring to your attention that my order arrived two weeks after the expected date."),

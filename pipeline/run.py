@@ -1,0 +1,185 @@
+"""The main job: every stage in order, then a report comparing what each stage bought on held-out prompts.
+
+    python pipeline/run.py --config pipeline/configs/smollm2.yaml                  # embedded default, ~20 min CPU
+    python pipeline/run.py --config pipeline/configs/real_gemma.yaml               # external triplets, no generation
+    python pipeline/run.py --config pipeline/configs/smollm2.yaml --size tiny      # CI's smallest size
+
+Stages (each its own entry script, run as a subprocess with its own recipe plus overrides): rewrite → split (by
+prompt: held-out prompts are never trained on) → mean prompt → SFT → candidates (SFT policy samples + bank
+negatives + mean + truth) → pairs → DPO → predictions on the held-out split (base zero-shot, SFT, DPO) →
+report. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run skips it (``--force`` names stages to
+redo). Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from comparison import SIZES, build_report  # pipeline/comparison.py, beside this script
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.tables import DataError, write_json, write_table
+from promptrec.triplets import read_triplets
+
+logger = logging.getLogger("pipeline")
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "predict", "report")
+
+
+@dataclass
+class PipelineArguments:
+    run_dir: str = field(default="checkpoints/pipeline/smollm2", metadata={"help": "Where every stage writes."})
+    size: str = field(default="small", metadata={"help": f"Preset of data sizes and steps: {', '.join(SIZES)}."})
+    triplets: str | None = field(default=None, metadata={
+        "help": "External triplets (e.g. ../shared/data/triplets.csv): skips generation."})
+    producers: list[str] = field(default_factory=list, metadata={
+        "help": "With --triplets: keep rows whose 'producer' starts with one of these (e.g. 'gemma')."})
+    model: str = field(default="embedded", metadata={"help": "Base policy model: hub id, local dir or 'embedded'."})
+    scorer: str = field(default="embedded", metadata={"help": "SCS scorer for pairs and the report: auto, embedded…"})
+    rewrite_recipe: str = field(default="data_generation/configs/smollm2.yaml", metadata={"help": "Rewrite recipe."})
+    sft_recipe: str = field(default="sft/configs/smollm2.yaml", metadata={"help": "SFT recipe."})
+    candidates_recipe: str = field(default="data_generation/configs/candidates_smollm2.yaml", metadata={
+        "help": "Candidates recipe."})
+    pairs_recipe: str = field(default="data_generation/configs/pairs_smollm2.yaml", metadata={"help": "Pairs recipe."})
+    dpo_recipe: str = field(default="dpo/configs/smollm2.yaml", metadata={"help": "DPO recipe."})
+    max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
+    max_triplets: int | None = field(default=None, metadata={"help": "Override the size's number of triplets."})
+    sft_steps: int | None = field(default=None, metadata={"help": "Override the size's SFT steps."})
+    dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
+    max_heldout: int | None = field(default=None, metadata={"help": "Override the size's held-out rows scored."})
+    extra: list[str] = field(default_factory=list, metadata={
+        "help": "Per-stage overrides 'stage:--key=value', e.g. dpo:--beta=0.2 candidates:--num_samples=6."})
+    force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
+    seed: int = field(default=42, metadata={"help": "Seed passed to every stage."})
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
+        unknown = set(self.force) - set(STAGES) - {"all"}
+        if unknown:
+            raise ValueError(f"unknown stage(s) in --force: {sorted(unknown)}")
+
+    def knob(self, name: str):
+        override = getattr(self, name, None)
+        return override if override is not None else SIZES[self.size][name]
+
+
+class Runner:
+    """Runs stages in order, skipping finished ones, streaming their output with a banner each."""
+
+    def __init__(self, args: PipelineArguments):
+        self.args, self.dir = args, Path(args.run_dir)
+        self.timings: dict[str, float] = {}
+
+    def done(self, stage: str) -> bool:
+        return (self.dir / stage / "DONE").exists() and stage not in self.args.force and "all" not in self.args.force
+
+    def stage(self, stage: str, fn) -> None:
+        number = STAGES.index(stage) + 1
+        if self.done(stage):
+            print(f"\n=== [{number}/{len(STAGES)}] {stage}: done before, skipped", flush=True)
+            return
+        print(f"\n=== [{number}/{len(STAGES)}] {stage}", flush=True)
+        (self.dir / stage).mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        fn(self.dir / stage)
+        self.timings[stage] = round(time.time() - start, 1)
+        (self.dir / stage / "DONE").write_text(f"{self.timings[stage]} s\n")
+        print(f"=== {stage} finished in {self.timings[stage]:.0f} s", flush=True)
+
+    def script(self, stage: str, script: str, *cli) -> None:
+        extra = [e.split(":", 1)[1] for e in self.args.extra if e.startswith(f"{stage}:")]
+        cmd = [sys.executable, str(REPO / script), *map(str, cli), *extra]
+        logger.info("$ %s", shlex.join(cmd))
+        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+            raise DataError(f"stage '{stage}' failed (command above); fix it and re-run: finished stages are kept")
+
+
+def main(args: PipelineArguments) -> dict:
+    run, d = Runner(args), Path(args.run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(asdict(args), d / "pipeline_config.json")
+    seed = ["--seed", args.seed]
+    n = args.knob("max_triplets")
+
+    def rewrite(out):
+        if args.triplets:
+            df, counts = read_triplets(args.triplets, args.producers, limit=n, seed=args.seed)
+            logger.info("External triplets %s: %s", args.triplets, counts)
+            write_table(df, out / "triplets.parquet")
+        else:
+            run.script("rewrite", "data_generation/rewrite.py", "--config", args.rewrite_recipe, "--generator",
+                       args.model, "--max_pairs", n, "--max_new_tokens", args.knob("rewrite_new_tokens"),
+                       "--output", out / "triplets.parquet", *seed)
+
+    def split(out):
+        from promptrec.splits import split_frame
+
+        df, _ = read_triplets(str(d / "rewrite" / "triplets.parquet"))
+        train, heldout = split_frame(df, args.heldout_fraction, by="prompt", seed=args.seed)
+        heldout = heldout.sample(frac=1.0, random_state=args.seed).head(args.knob("max_heldout"))
+        write_table(train, out / "train.parquet")
+        write_table(heldout, out / "heldout.parquet")
+        write_table(heldout[["id", "original_text", "rewritten_text"]], out / "test.csv")
+        write_table(heldout[["id", "rewrite_prompt"]], out / "truth.csv")
+        logger.info("Split by prompt: %d train rows, %d held-out rows (%d held-out prompts)", len(train),
+                    len(heldout), heldout.rewrite_prompt.nunique())
+
+    def mean_prompt(out):
+        train = d / "split" / "train.parquet"
+        run.script("mean_prompt", "reward/mean_prompt.py", "--prompts", "bank", train, "--max_steps",
+                   args.knob("mean_prompt_steps"), "--scorer", args.scorer, "--output", out / "mean_prompt.json",
+                   *seed)
+
+    def sft(out):
+        run.script("sft", "sft/train.py", "--config", args.sft_recipe, "--model_name_or_path", args.model,
+                   "--triplets", d / "split" / "train.parquet", "--max_text_tokens", args.max_text_tokens,
+                   "--max_steps", args.knob("sft_steps"), "--scorer", args.scorer, "--output_dir", out, *seed)
+
+    def candidates(out):
+        run.script("candidates", "data_generation/candidates.py", "--config", args.candidates_recipe,
+                   "--triplets", d / "split" / "train.parquet", "--policy_adapter", d / "sft",
+                   "--max_text_tokens", args.max_text_tokens, "--num_samples", args.knob("policy_samples"),
+                   "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--scorer", args.scorer,
+                   "--output_dir", out, *seed)
+
+    def pairs(out):
+        run.script("pairs", "data_generation/build_pairs.py", "--config", args.pairs_recipe, "--candidates",
+                   d / "candidates" / "candidates.parquet", "--tokenizer", args.model, "--max_text_tokens",
+                   args.max_text_tokens, "--scorer", args.scorer, "--output_dir", out, *seed)
+
+    def dpo(out):
+        run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--model_name_or_path", args.model,
+                   "--sft_adapter", d / "sft", "--train_pairs", d / "pairs" / "train.jsonl", "--eval_pairs",
+                   d / "pairs" / "eval.jsonl", "--max_steps", args.knob("dpo_steps"), "--scorer", args.scorer,
+                   "--output_dir", out, *seed)
+
+    def predict(out):
+        test = d / "split" / "test.csv"
+        for name, adapter in (("base", None), ("sft", d / "sft"), ("dpo", d / "dpo")):
+            cli = ["--model", args.model, "--input", test, "--output", out / f"{name}.csv", "--max_text_tokens",
+                   args.max_text_tokens, "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--dtype",
+                   "float32"]
+            run.script("predict", "inference/predict.py", *cli, *(["--adapter", adapter] if adapter else []))
+
+    def report(out):
+        result = build_report(d, args.scorer, out_dir=d)
+        print("\n" + result["table"], flush=True)
+
+    for stage, fn in zip(STAGES, (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, predict, report)):
+        run.stage(stage, fn)
+    write_json({"timings_s": run.timings}, d / "timings.json")
+    return {"run_dir": str(d), "timings": run.timings}
+
+
+if __name__ == "__main__":
+    setup_logging()
+    (pipeline_args,) = parse_args(PipelineArguments)
+    run_main(lambda: main(pipeline_args))
