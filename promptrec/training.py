@@ -212,6 +212,11 @@ def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapt
 
     if df.empty or not adapters:
         return {}
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
+    if plugin is not None and plugin.zero_stage == 3:
+        logger.warning("SCS eval skipped under DeepSpeed ZeRO-3 (each rank holds a shard of the weights): score the "
+                       "saved adapter with inference/predict.py instead")
+        return {}
     scorer = Scorer(eval_args.scorer, exponent=eval_args.scs_exponent)
     table = df[["id", "rewrite_prompt"]].copy()
     result = {"n": len(df), "scorer": scorer.identity}
@@ -248,7 +253,8 @@ def run_config(stage: str, script_args, training_args, model_args, **extra) -> d
     """The resolved config of a run; top-level keys are what inference needs to rebuild the model and prompts."""
     return {"stage": stage, "model_name_or_path": model_args.model_name_or_path,
             "max_text_tokens": script_args.max_text_tokens, "load_in_4bit": model_args.load_in_4bit,
-            "dtype": dtype_name(model_args), **extra, **asdict_all(script_args, training_args, model_args)}
+            "dtype": dtype_name(model_args), "world_size": training_args.world_size, **extra,
+            **asdict_all(script_args, training_args, model_args)}
 
 
 def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...]]) -> Path | None:

@@ -1,0 +1,139 @@
+"""DPO of the SFT adapter on SCS-ranked preference pairs (TRL ``DPOTrainer``), on one process or many.
+
+The base model (4-bit or not) gets the SFT adapter loaded trainable. No reference model is passed: TRL keeps a
+frozen copy of the SFT adapter (adapter "ref", a few MB) on the same base, so the reference is the SFT policy and
+the base weights live in memory once. ``precompute_ref_log_probs`` computes the reference log-probs in one pass
+before training instead. At the end the DPO adapter and the SFT adapter are scored by SCS on the same eval
+triplets (the SFT run's eval split unless ``--eval_triplets`` is given).
+
+    python dpo/train.py --config dpo/configs/smollm2.yaml
+    accelerate launch --config_file dpo/accelerate/multi_cpu.yaml dpo/train.py --config dpo/configs/smollm2.yaml
+    accelerate launch --config_file dpo/accelerate/zero2.yaml dpo/train.py --config dpo/configs/mistral7b_qlora.yaml
+
+Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, metrics.json (reward
+margins/accuracy, SCS of DPO and SFT), curves.png, eval_predictions.jsonl. Merge for deployment: dpo/merge.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.models import load_tokenizer
+from promptrec.training import (
+    EvalArguments,
+    eval_triplets_of_split,
+    load_base,
+    read_pairs,
+    read_run_config,
+    read_split_triplets,
+    resolve_resume,
+    run_config,
+    save_run,
+    scs_eval,
+)
+
+logger = logging.getLogger("dpo")
+
+
+@dataclass
+class DPOScriptArguments(EvalArguments):
+    """Data and eval settings of the DPO stage (training settings are TRL's DPOConfig, the model's ModelConfig)."""
+
+    sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
+        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
+                "and max_text_tokens when not set here; its split.json gives the SCS eval triplets."})
+    train_pairs: str = field(default="checkpoints/data/smollm2/pairs/train.jsonl", metadata={
+        "help": "Preference pairs in TRL's conversational format (prompt, chosen, rejected; .jsonl/.parquet)."})
+    eval_pairs: str | None = field(default=None, metadata={
+        "help": "Eval pairs (reward accuracy and margins during training); empty or 'none' for none."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use a seeded sample of this many pairs."})
+    max_eval_pairs: int | None = field(default=64, metadata={"help": "Cap on the eval pairs."})
+    eval_triplets: str | None = field(default=None, metadata={
+        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget per text in the recovery prompt; default: the SFT run's (it must match the pairs')."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_pairs is not None and self.eval_pairs.strip().lower() in ("", "none"):
+            self.eval_pairs = None
+
+
+def inherit_from_sft(script_args: DPOScriptArguments, model_args: ModelConfig) -> dict:
+    """Fill the base model and ``max_text_tokens`` from the SFT run's config; returns that config."""
+    sft_config = read_run_config(script_args.sft_adapter)
+    if model_args.model_name_or_path is None:
+        model_args.model_name_or_path = sft_config["model_name_or_path"]
+    elif model_args.model_name_or_path != sft_config["model_name_or_path"]:
+        logger.warning("Base %s differs from the SFT run's %s: fine for a local copy of the same model, wrong "
+                       "otherwise", model_args.model_name_or_path, sft_config["model_name_or_path"])
+    if script_args.max_text_tokens is None:
+        script_args.max_text_tokens = sft_config.get("max_text_tokens")
+    return sft_config
+
+
+def scs_eval_triplets(script_args: DPOScriptArguments):
+    """The SCS eval triplets: ``--eval_triplets`` or the SFT run's saved eval split (capped)."""
+    if script_args.eval_scs_samples == 0:
+        return None
+    if script_args.eval_triplets:
+        df = read_split_triplets(script_args.eval_triplets)
+    else:
+        split = Path(script_args.sft_adapter) / "split.json"
+        if not split.exists():
+            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
+            return None
+        df = eval_triplets_of_split(split)
+    return df.head(script_args.eval_scs_samples)
+
+
+def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
+    # ---------------------------------------------------------------------------------------------- setup
+    setup_logging()
+    sft_config = inherit_from_sft(script_args, model_args)
+    logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
+    output_dir = Path(training_args.output_dir)
+
+    # ------------------------------------------------------------------------------------ model & tokenizer
+    tokenizer = load_tokenizer(script_args.sft_adapter)  # saved by the SFT run, chat template included
+    model = load_base(model_args, adapter=script_args.sft_adapter, is_trainable=True)
+
+    # -------------------------------------------------------------------------------------------- dataset
+    train_ds = read_pairs(script_args.train_pairs, script_args.max_train_pairs, training_args.seed)
+    eval_ds = read_pairs(script_args.eval_pairs, script_args.max_eval_pairs) if script_args.eval_pairs else None
+    if eval_ds is None:
+        training_args.eval_strategy = "no"
+    logger.info("%d train pairs, %d eval pairs; sample:\n%s", len(train_ds), len(eval_ds or []), train_ds[0])
+    scs_df = scs_eval_triplets(script_args)
+
+    # -------------------------------------------------------------------------------------------- trainer
+    trainer = DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tokenizer)
+
+    # ---------------------------------------------------------------------------------------------- train
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = {"train": result.metrics}
+    if eval_ds is not None:
+        metrics["eval"] = trainer.evaluate()
+
+    # ----------------------------------------------------------------------------------------- SCS & save
+    if scs_df is not None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if "ref" not in model.peft_config:  # TRL's frozen SFT copy; load the SFT adapter when it isn't there
+            model.load_adapter(script_args.sft_adapter, adapter_name="ref", is_trainable=False)
+        metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, {"dpo": "default", "sft": "ref"},
+                                  trainer.accelerator, output_dir / "eval_predictions.jsonl")
+    config = run_config("dpo", script_args, training_args, model_args, sft_run=sft_config)
+    save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("rewards/margins", "eval_rewards/margins"),
+                                               ("rewards/accuracies", "eval_rewards/accuracies")])
+    logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("eval", "scs") if k in metrics})
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(*parse_args(DPOScriptArguments, DPOConfig, ModelConfig)))

@@ -1,0 +1,122 @@
+"""Supervised fine-tuning of a LoRA/QLoRA adapter on the prompt-recovery task (TRL ``SFTTrainer``).
+
+Triplets (``original_text, rewrite_prompt, rewritten_text``) are rendered through the shared recovery format into
+TRL conversational prompt/completion rows, so the loss falls on the completion (the prompt) only. The split (by id
+or by prompt) is saved; at the end the adapter is scored by generation-based SCS on the eval split.
+
+    python sft/train.py --config sft/configs/smollm2.yaml
+    python sft/train.py --config sft/configs/smollm2.yaml --triplets ../shared/data/triplets.csv \\
+        --producers gemma-7b-it "mostly gemma-7b-it" "mixed: gemma-7b-it" --max_samples 400 --max_steps 30
+    accelerate launch --config_file dpo/accelerate/single_gpu.yaml sft/train.py --config sft/configs/phi2_qlora.yaml
+
+Outputs in ``output_dir`` (``checkpoints/sft/<run>/``): adapter, tokenizer, run_config.json, metrics.json,
+curves.png, split.json, eval_predictions.jsonl. ``--resume_from_checkpoint last`` continues a killed run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.models import load_tokenizer
+from promptrec.splits import SPLIT_BY, split_frame
+from promptrec.training import (
+    EvalArguments,
+    load_base,
+    lora_config,
+    read_split_triplets,
+    resolve_resume,
+    run_config,
+    save_run,
+    scs_eval,
+    sft_dataset,
+    write_split,
+)
+
+logger = logging.getLogger("sft")
+
+
+@dataclass
+class SFTScriptArguments(EvalArguments):
+    """Data and eval settings of the SFT stage (training settings are TRL's SFTConfig, the model's ModelConfig)."""
+
+    triplets: str = field(default="checkpoints/data/smollm2/rewrites.parquet", metadata={
+        "help": "Triplet file (.csv/.jsonl/.parquet or hf:<dataset>) with original_text, rewrite_prompt, "
+                "rewritten_text (id optional): the rewrite step's output or e.g. ../shared/data/triplets.csv."})
+    producers: list[str] = field(default_factory=list, metadata={
+        "help": "Keep rows whose 'producer' starts with one of these (e.g. gemma-7b-it); empty keeps all."})
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Use a seeded random sample of this many triplets (after filtering), before the split."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of ids (or prompts) held out for eval."})
+    split_by: str = field(default="id", metadata={
+        "help": "Split by example 'id', or by 'prompt' so no eval prompt is seen in training.", "choices": SPLIT_BY})
+    max_eval_samples: int | None = field(default=64, metadata={
+        "help": "Cap on the eval rows used for the eval loss during training (the SCS eval has its own cap)."})
+    eval_scs_baseline: bool = field(default=False, metadata={
+        "help": "Also score the base model zero-shot (adapter disabled) on the same eval rows."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+
+
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    # ---------------------------------------------------------------------------------------------- setup
+    setup_logging()
+    logger.info("Script %s\nModel %s", script_args, model_args)
+    output_dir = Path(training_args.output_dir)
+
+    # ------------------------------------------------------------------------------- tokenizer & dataset
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    triplets = read_split_triplets(script_args.triplets, script_args.producers, script_args.max_samples,
+                                   training_args.seed)
+    train_df, eval_df = split_frame(triplets, script_args.eval_fraction, script_args.split_by, training_args.seed)
+    logger.info("Split by %s: %d train, %d eval triplets", script_args.split_by, len(train_df), len(eval_df))
+    if training_args.process_index == 0:
+        write_split(output_dir / "split.json", script_args.triplets, script_args.producers, script_args.split_by,
+                    script_args.eval_fraction, training_args.seed, train_df, eval_df)
+    train_ds = sft_dataset(train_df, tokenizer, script_args.max_text_tokens)
+    loss_eval_df = eval_df.head(script_args.max_eval_samples or len(eval_df))
+    eval_ds = sft_dataset(loss_eval_df, tokenizer, script_args.max_text_tokens) if len(loss_eval_df) else None
+    if eval_ds is None:
+        training_args.eval_strategy = "no"
+    sample = tokenizer.apply_chat_template(train_ds[0]["prompt"] + train_ds[0]["completion"], tokenize=False)
+    logger.info("Sample rendered row:\n%s", sample)
+
+    # ------------------------------------------------------------------------------------------ model & LoRA
+    model = load_base(model_args)
+    peft_config = lora_config(model_args, model)
+
+    # -------------------------------------------------------------------------------------------- trainer
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+    if trainer.accelerator.is_main_process:
+        trainer.model.print_trainable_parameters()
+
+    # ---------------------------------------------------------------------------------------------- train
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = {"train": result.metrics}
+    if eval_ds is not None:
+        metrics["eval"] = trainer.evaluate()
+
+    # ----------------------------------------------------------------------------------------- SCS & save
+    scs_df = eval_df.head(script_args.eval_scs_samples)
+    adapters = {"sft": "default", **({"base": None} if script_args.eval_scs_baseline else {})}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, adapters, trainer.accelerator,
+                              output_dir / "eval_predictions.jsonl")
+    config = run_config("sft", script_args, training_args, model_args,
+                        lora_target_modules=sorted(peft_config.target_modules))
+    save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("mean_token_accuracy",
+                                                                      "eval_mean_token_accuracy")])
+    logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("eval", "scs") if k in metrics})
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(*parse_args(SFTScriptArguments, SFTConfig, ModelConfig)))
