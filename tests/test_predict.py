@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def check_submission(path, ids):
     ("id,original_text,rewritten_text\n", "no rows"),
     ("id,original_text\n1,hello\n", "missing column(s) rewritten_text"),
     ("id,original_text,rewritten_text\n1,a b,c d\n2,e f,g h\n1,i j,k l\n", "duplicate id 1 in rows 1, 3"),
-    ("id,original_text,rewritten_text\n1,a b,c d\n2,e f,\n", "column 'rewritten_text' row 2 is empty or not text (NaN)"),
+    ("id,original_text,rewritten_text\n1,a b,c d\n2,e f,\n",
+     "column 'rewritten_text' row 2 is empty or not text (NaN)"),
     ("id,original_text,rewritten_text\n1,a b,c d\n,e f,g h\n", "column 'id' row 2 is empty"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, content, message):
@@ -229,3 +231,16 @@ def test_notebook_is_committed_without_outputs():
     nb = json.loads(NOTEBOOK.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
+
+
+def test_readme_commands_parse():
+    """Every `inference/predict.py` command in inference/README.md parses with the script's parser."""
+    from promptrec.cli import parse_args
+
+    text = (REPO / "inference" / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line.split("inference/predict.py", 1)[1]) for line in text.splitlines()
+                if line.startswith(".venv/bin/python inference/predict.py")]
+    assert len(commands) >= 3
+    for argv in commands:
+        if "--help" not in argv:
+            parse_args(PredictArguments, PostprocessConfig, args=argv)

@@ -1,0 +1,150 @@
+"""Benchmark prediction throughput: batched (length-sorted, left-padded) vs one row at a time.
+
+    python bench/bench_predict.py                         # CPU, embedded SmolLM2, 200 rows of ../shared/data
+    python bench/bench_predict.py --rows 32 --max_new_tokens 24   # quick, on a busy CPU
+    python bench/bench_predict.py --gpu                   # random-init Mistral-7B shape in 4-bit; skips without CUDA
+
+Both modes time ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
+the same real rows, first with ``--batch_size`` then with batch size 1, and print rows/s, the ratio and the time
+~1,400 test rows would take against Kaggle's 9-hour limit. ``--gpu`` builds Mistral-7B-Instruct's shape with
+random weights (saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded
+tokenizer: random weights rarely emit EOS, so every row generates ``max_new_tokens`` — an upper bound on time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.generation import SamplingParams
+from promptrec.models import load_model, load_tokenizer
+from promptrec.postprocess import PostprocessConfig
+from promptrec.predict import predict_frame, usable_text_mask
+from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
+
+REPO = Path(__file__).resolve().parents[1]
+KAGGLE_ROWS = 1400
+KAGGLE_LIMIT_S = 9 * 3600
+
+
+@dataclass
+class BenchArguments:
+    triplets: str = field(default=str(REPO.parent / "shared" / "data" / "triplets.csv"), metadata={
+        "help": "Real triplets (original_text, rewritten_text used as test rows); ../shared/data/triplets.csv."})
+    rows: int = field(default=200, metadata={"help": "Rows to predict in each mode."})
+    single_rows: int | None = field(default=None, metadata={
+        "help": "Rows for the one-at-a-time run (default: --rows); fewer keeps a slow CPU run short."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size of the batched run."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per row (greedy)."})
+    max_text_tokens: int = field(default=256, metadata={"help": "Token budget per text in the recovery prompt."})
+    gpu: bool = field(default=False, metadata={
+        "help": "Benchmark a random-init Mistral-7B-shaped model in 4-bit on CUDA instead (skips without CUDA)."})
+    gpu_model_dir: str = field(default="/tmp/promptrec-mistral7b-random", metadata={
+        "help": "Where the random Mistral-7B-shaped model is saved once (~15 GB in bf16)."})
+    seed: int = field(default=0, metadata={"help": "Row sampling seed."})
+    output: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
+
+
+def load_rows(args: BenchArguments):
+    """``rows`` test-shaped rows (id, original_text, rewritten_text) sampled from the Gemma rows of the triplets."""
+    df = read_table(args.triplets, required=TRIPLET_COLUMNS)
+    df = df[usable_text_mask(df)]  # the real data has a few rows without a rewrite
+    if "producer" in df.columns:
+        gemma = df[df["producer"].str.contains("gemma", case=False, na=False)]
+        df = gemma if len(gemma) >= args.rows else df
+    if len(df) < args.rows:
+        raise DataError(f"{args.triplets}: {len(df)} rows, the benchmark needs {args.rows}")
+    df = df.sample(n=args.rows, random_state=args.seed).reset_index(drop=True)
+    return df.assign(id=[f"r{i}" for i in range(len(df))])[["id", "original_text", "rewritten_text"]]
+
+
+def mistral_7b_config(vocab_size: int, num_hidden_layers: int = 32):
+    """Mistral-7B-Instruct-v0.2's shape (vocab resized to the tokenizer used)."""
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=32768, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+
+
+def random_model_dir(path: str, tokenizer, num_hidden_layers: int = 32, device: str = "cuda") -> str:
+    """Save a random-init Mistral-7B-shaped model (bf16) and the tokenizer to ``path`` once; return the path."""
+    from transformers import AutoModelForCausalLM
+
+    target = Path(path)
+    if (target / "config.json").exists():
+        return str(target)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(mistral_7b_config(len(tokenizer), num_hidden_layers),
+                                                 dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return str(target)
+
+
+def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int) -> dict:
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = predict_frame(test, model, tokenizer, PostprocessConfig(), params, batch_size, args.max_text_tokens,
+                           progress=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in result["raw_prediction"])
+    return {"batch_size": batch_size, "rows": len(test), "seconds": round(seconds, 2),
+            "rows_per_s": round(len(test) / seconds, 4), "new_tokens_per_s": round(new_tokens / seconds, 1)}
+
+
+def main(args: BenchArguments) -> None:
+    setup_logging()
+    if args.gpu and not torch.cuda.is_available():
+        print("CUDA is not available: skipping the --gpu benchmark.")
+        return
+    test = load_rows(args)
+    tokenizer = load_tokenizer("embedded")
+    start = time.perf_counter()
+    if args.gpu:
+        model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)
+        label = f"random-init Mistral-7B shape, 4-bit NF4, {torch.cuda.get_device_name()}"
+    else:
+        model = load_model("embedded", dtype="float32")
+        label = f"embedded SmolLM2-135M, fp32, CPU with {torch.get_num_threads()} threads"
+    load_s = time.perf_counter() - start
+    time_predict(test.head(2), model, tokenizer, args, 2)  # warm-up (kernels, caches)
+
+    batched = time_predict(test, model, tokenizer, args, args.batch_size)
+    single = time_predict(test.head(args.single_rows or args.rows), model, tokenizer, args, 1)
+    figures = {"model": label, "load_s": round(load_s, 1), "max_new_tokens": args.max_new_tokens,
+               "max_text_tokens": args.max_text_tokens, "batched": batched, "one_at_a_time": single,
+               "speedup": round(batched["rows_per_s"] / single["rows_per_s"], 2)}
+    kaggle_s = load_s + KAGGLE_ROWS / batched["rows_per_s"]
+    figures["kaggle_1400_rows_s"] = round(kaggle_s, 1)
+    figures["kaggle_fraction_of_9h"] = round(kaggle_s / KAGGLE_LIMIT_S, 4)
+
+    print(f"\n{label}; {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens")
+    for name, fig in (("batched", batched), ("one at a time", single)):
+        print(f"  {name:>14} (batch {fig['batch_size']:>2}, {fig['rows']} rows): {fig['rows_per_s']:.3f} rows/s, "
+              f"{fig['new_tokens_per_s']:.0f} new tokens/s, {fig['seconds']:.1f}s")
+    print(f"  batched / one at a time: {figures['speedup']:.2f}x")
+    print(f"  ~{KAGGLE_ROWS} rows: {kaggle_s / 60:.1f} min incl. {load_s:.0f}s load = "
+          f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h"
+          + (" (this GPU; a Kaggle T4 is several times slower)" if args.gpu else ""))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": asdict(args), **figures}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    (bench_args,) = parse_args(BenchArguments)
+    run_main(lambda: main(bench_args))
