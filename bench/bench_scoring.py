@@ -40,6 +40,7 @@ class BenchArguments:
     candidates: int = field(default=16, metadata={"help": "Candidates per row (truth + row-specific + bank)."})
     unique_per_row: int = field(default=3, metadata={"help": "Row-specific candidates per row (policy samples)."})
     bank_size: int = field(default=500, metadata={"help": "Shared negative bank the other candidates come from."})
+    skip_scoring: bool = field(default=False, metadata={"help": "Only run the mean-prompt search timing."})
     skip_mean_prompt: bool = field(default=False, metadata={"help": "Only run the scoring benchmark."})
     mean_prompt_prompts: int = field(default=2000, metadata={"help": "Prompts for the mean-prompt search timing."})
     mean_prompt_steps: int = field(default=16, metadata={"help": "Search steps (reward/mean_prompt.py's default)."})
@@ -114,20 +115,21 @@ def bench_mean_prompt(args: BenchArguments, scorer_args: ScorerArguments) -> dic
 
 def main(args: BenchArguments, scorer_args: ScorerArguments) -> dict:
     setup_logging()
-    table = read_table(args.prompts, required=[args.prompt_column], text_columns=[args.prompt_column])
-    prompts = sorted({" ".join(p.split()) for p in table[args.prompt_column]})
-    truths, candidates = make_rows(prompts, args, np.random.default_rng(args.seed))
-    model = scorer_args.build().model
-    model.encode(["warm-up"] * 8)
-    result = {"scorer": scorer_args.scorer, "device": str(model.device),
-              "scoring": bench_scoring(args, scorer_args, truths, candidates, model)}
-    s = result["scoring"]
-    print(f"scoring {s['rows']} rows x {s['candidates_per_row']} candidates ({scorer_args.scorer} on {model.device}): "
-          f"naive {s['naive_s']}s ({s['naive_strings']} strings), cached {s['cached_s']}s ({s['cached_strings']} "
-          f"strings) -> {s['ratio']}x; warm disk cache {s['warm_disk_cache_s']}s; max |diff| "
-          f"{s['max_abs_score_diff']:.1e}")
+    result = {"scorer": scorer_args.scorer}
+    if not args.skip_scoring:
+        table = read_table(args.prompts, required=[args.prompt_column], text_columns=[args.prompt_column])
+        prompts = sorted({" ".join(p.split()) for p in table[args.prompt_column]})
+        truths, candidates = make_rows(prompts, args, np.random.default_rng(args.seed))
+        model = scorer_args.build().model
+        model.encode(["warm-up"] * 8)
+        result["device"] = str(model.device)
+        result["scoring"] = s = bench_scoring(args, scorer_args, truths, candidates, model)
+        print(f"scoring {s['rows']} rows x {s['candidates_per_row']} candidates ({scorer_args.scorer} on "
+              f"{model.device}): naive {s['naive_s']}s ({s['naive_strings']} strings), cached {s['cached_s']}s "
+              f"({s['cached_strings']} strings) -> {s['ratio']}x; warm disk cache {s['warm_disk_cache_s']}s; "
+              f"max |diff| {s['max_abs_score_diff']:.1e}")
     if not args.skip_mean_prompt:
-        result["mean_prompt"] = m = bench_mean_prompt(args)
+        result["mean_prompt"] = m = bench_mean_prompt(args, scorer_args)
         print(f"mean-prompt search on {m['prompts']} prompts: {m['seconds']}s for {m['steps']} steps "
               f"({m['s_per_step']}s/step, {m['n_evaluated']} candidates scored); train {m['train_scs']}, "
               f"val {m['val_scs']} vs constant {m['baseline_val_scs']}: {m['mean_prompt']!r}")
