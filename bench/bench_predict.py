@@ -136,7 +136,7 @@ def main(args: BenchArguments) -> None:
     print(f"\n{label}; {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens")
     for name, fig in (("batched", batched), ("one at a time", single)):
         print(f"  {name:>14} (batch {fig['batch_size']:>2}, {fig['rows']} rows): {fig['rows_per_s']:.3f} rows/s, "
-              f"{fig['new_tokens_per_s']:.0f} new tokens/s, {fig['seconds']:.1f}s")
+              f"{fig['new_tokens_per_s']:.1f} new tokens/s, {fig['seconds']:.1f}s")
     print(f"  batched / one at a time: {figures['speedup']:.2f}x")
     print(f"  ~{KAGGLE_ROWS} rows: {kaggle_s / 60:.1f} min incl. {load_s:.0f}s load = "
           f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h"

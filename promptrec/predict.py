@@ -25,6 +25,7 @@ from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
 from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
+from promptrec.training import RUN_CONFIG, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class PredictArguments:
     input: str = field(default="test.csv", metadata={
         "help": "Test table with columns id, original_text, rewritten_text (.csv, .jsonl, .parquet or hf:<name>)."})
     output: str = field(default="submission.csv", metadata={
-        "help": "Submission to write: id,rewrite_prompt (atomically; the resolved config goes to <stem>.config.json)."})
+        "help": "Submission to write: id,rewrite_prompt (atomically; resolved config in <stem>.config.json)."})
     model: str | None = field(default=None, metadata={
         "help": "Base model: hub id, local dir, merged model dir or 'embedded'. Default: the model_name_or_path "
                 "recorded in the adapter's run_config.json (else adapter_config.json), or 'embedded' without one."})
@@ -125,15 +126,11 @@ def resolve_mean_prompt(value: str) -> str:
 # ---------------------------------------------------------------- policy
 
 
-def read_run_config(directory: str | None) -> dict:
-    """``run_config.json`` of a checkpoint dir, or ``{}`` when there is none."""
-    path = Path(directory) / "run_config.json" if directory else None
-    if path is None or not path.is_file():
+def run_config_of(directory: str | None) -> dict:
+    """``run_config.json`` of a checkpoint dir (as promptrec.training saves it), or ``{}`` when there is none."""
+    if not directory or not (Path(directory) / RUN_CONFIG).is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    return read_run_config(directory)
 
 
 def find_config_value(config, key: str):
@@ -171,20 +168,29 @@ def resolve_base_model(model: str | None, adapter: str | None, run_config: dict)
                              f"base_model_name_or_path); pass --model")
 
 
+def resolve_policy(args: PredictArguments) -> dict:
+    """What to load: ``{"model", "adapter", "max_text_tokens", "load_in_4bit"}`` from the flags, the checkpoint's
+    run_config.json and the hardware (4-bit when CUDA is available, unless ``load_in_4bit`` says otherwise)."""
+    run_config = run_config_of(args.adapter) or run_config_of(args.model)
+    # A run trained without a text budget records max_text_tokens: null; render its prompts uncut as well.
+    max_text_tokens = args.max_text_tokens or run_config.get(
+        "max_text_tokens", find_config_value(run_config, "max_text_tokens") or DEFAULT_MAX_TEXT_TOKENS)
+    return {"model": resolve_base_model(args.model, args.adapter, run_config), "adapter": args.adapter,
+            "max_text_tokens": max_text_tokens,
+            "load_in_4bit": torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit}
+
+
 def load_policy(args: PredictArguments):
-    """``(model, tokenizer, resolved)`` where ``resolved`` holds the base model, max_text_tokens and 4-bit choice."""
-    run_config = read_run_config(args.adapter) or read_run_config(args.model if args.model else None)
-    base = resolve_base_model(args.model, args.adapter, run_config)
-    max_text_tokens = args.max_text_tokens or find_config_value(run_config, "max_text_tokens") or DEFAULT_MAX_TEXT_TOKENS
-    load_in_4bit = torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit
+    """``(model, tokenizer, resolved)``, ``resolved`` as :func:`resolve_policy` gives it; the tokenizer is the
+    adapter's when it saved one (training may set the pad token or chat template), else the base model's."""
+    resolved = resolve_policy(args)
+    base, load_in_4bit = resolved["model"], resolved["load_in_4bit"]
     has_tokenizer = args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
     logger.info("Loading %s%s (%s)", base, f" + adapter {args.adapter}" if args.adapter else "",
                 "4-bit" if load_in_4bit else args.dtype)
     model = load_model(base, adapter=args.adapter, load_in_4bit=load_in_4bit, dtype=args.dtype)
     model.eval()
-    resolved = {"model": base, "adapter": args.adapter, "max_text_tokens": int(max_text_tokens),
-                "load_in_4bit": load_in_4bit}
     return model, tokenizer, resolved
 
 

@@ -21,6 +21,7 @@ from promptrec.predict import (
     read_test_table,
     resolve_base_model,
     resolve_mean_prompt,
+    resolve_policy,
 )
 from promptrec.tables import DataError, write_json
 
@@ -120,6 +121,20 @@ def test_base_model_resolution(tmp_path):
         resolve_base_model(None, str(tmp_path), {})
 
 
+@pytest.mark.parametrize("run_config, flag, expected", [
+    ({"model_name_or_path": "embedded", "max_text_tokens": 100}, None, 100),  # as promptrec.training saves it
+    ({"ModelConfig": {"model_name_or_path": "embedded"}, "ScriptArguments": {"max_text_tokens": 64}}, None, 64),
+    ({"model_name_or_path": "embedded", "max_text_tokens": None}, None, None),  # trained uncut → predict uncut
+    ({"model_name_or_path": "embedded"}, None, 256),
+    ({"model_name_or_path": "embedded", "max_text_tokens": 100}, 32, 32),  # the flag wins
+])
+def test_policy_settings_come_from_run_config(tmp_path, run_config, flag, expected):
+    write_json(run_config, tmp_path / "run_config.json")
+    resolved = resolve_policy(PredictArguments(adapter=str(tmp_path), max_text_tokens=flag, load_in_4bit=False))
+    assert resolved == {"model": "embedded", "adapter": str(tmp_path), "max_text_tokens": expected,
+                        "load_in_4bit": False}
+
+
 # ---------------------------------------------------------------- prediction
 
 
@@ -185,19 +200,12 @@ def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedde
         assert not torch.allclose(model(ids).logits, embedded_model(ids).logits, atol=1e-4)
 
 
-def test_predict_file_with_adapter(tmp_path, test_csv, adapter_dir):
-    out = tmp_path / "submission.csv"
-    predict_file(PredictArguments(adapter=str(adapter_dir), input=str(test_csv), output=str(out), max_new_tokens=4,
-                                  progress=False))
-    check_submission(out, ["b", "a"])
-    resolved = json.loads((tmp_path / "submission.config.json").read_text())["resolved"]
-    assert resolved["model"] == "embedded" and resolved["max_text_tokens"] == 16  # from run_config.json
-
-
 # ---------------------------------------------------------------- the Kaggle notebook
 
 
 def test_kaggle_notebook_runs_on_the_embedded_model(tmp_path, test_csv, adapter_dir, monkeypatch):
+    """The notebook end to end, and predict_file with an adapter: the base model and max_text_tokens come from
+    the adapter's run_config.json."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
