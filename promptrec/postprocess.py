@@ -8,7 +8,9 @@ prediction lifts the sharpened cosine of a poor guess and costs a good one littl
 Order of the steps on ``"Sure! Here is the instruction:\\n1. \\"Rewrite this as a poem.\\" This makes it rhyme."``:
 first usable line (``first_line``) → list marker (``strip_list_markers``) → label ``"Here is the instruction:"``
 (``strip_labels``) → quotes and markdown (``strip_quotes``) → trailing chatter (``strip_chatter``) → sentences
-(``max_sentences``) → words (``max_words``) → ``"Rewrite this as a poem."``.
+(``max_sentences``) → words (``max_words``) → ``"Rewrite this as a poem."``. A result that is a verbatim copy of
+the row's texts (``drop_copies``, a small model's usual failure), a refusal, an echo of the task or degenerate
+repetition counts as unusable.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class PostprocessConfig:
     min_letters: int = field(default=3, metadata={
         "help": "A prediction with fewer letters is unusable (→ mean prompt); so are refusals, echoes of the task "
                 "and degenerate repetition."})
+    drop_copies: bool = field(default=True, metadata={
+        "help": "A prediction of 4+ words found verbatim in the row's original or rewritten text is a copy of the "
+                "input, not a prompt (→ mean prompt). Needs the texts (predict passes them)."})
 
     def __post_init__(self):
         if not isinstance(self.mean_prompt, str) or not self.mean_prompt.strip():
@@ -194,8 +199,15 @@ def _clean_line(line: str, config: PostprocessConfig) -> str:
     return squash(line)
 
 
-def clean_prediction(raw, config: PostprocessConfig | None = None) -> str:
-    """The cleaned prediction, or ``""`` when the raw generation holds nothing usable."""
+def is_copy(text: str, sources: Iterable[str]) -> bool:
+    """``text`` (4+ words) appears verbatim, case and spacing aside, in one of ``sources`` (the row's texts)."""
+    plain = squash(text).lower().rstrip(".!?")
+    return len(plain.split()) >= 4 and any(plain in squash(as_text(s)).lower() for s in sources)
+
+
+def clean_prediction(raw, config: PostprocessConfig | None = None, sources: Iterable[str] = ()) -> str:
+    """The cleaned prediction, or ``""`` when the raw generation holds nothing usable. ``sources`` are the row's
+    original and rewritten texts, for ``drop_copies``."""
     config = config or PostprocessConfig()
     if config.first_line:
         text = ""
@@ -213,18 +225,24 @@ def clean_prediction(raw, config: PostprocessConfig | None = None) -> str:
     if config.strip_quotes:
         text = strip_quotes(text)
     text = squash(text)
+    if config.drop_copies and is_copy(text, sources):
+        return ""
     return text if is_usable(text, config.min_letters) else ""
 
 
-def postprocess(raw, config: PostprocessConfig | None = None) -> str:
+def postprocess(raw, config: PostprocessConfig | None = None, sources: Iterable[str] = ()) -> str:
     """The submission prompt for one raw generation: cleaned, else the mean prompt; never blank."""
     config = config or PostprocessConfig()
     mean = squash(config.mean_prompt)
-    text = clean_prediction(raw, config) or mean
+    text = clean_prediction(raw, config, sources) or mean
     if config.append_mean_prompt and text != mean:
         text = f"{text} {mean}"
     return text
 
 
-def postprocess_all(raws: Iterable, config: PostprocessConfig | None = None) -> list[str]:
-    return [postprocess(raw, config) for raw in raws]
+def postprocess_all(raws: Iterable, config: PostprocessConfig | None = None,
+                    sources: Iterable[Iterable[str]] | None = None) -> list[str]:
+    """:func:`postprocess` of each raw generation; ``sources[i]`` are row i's texts (for ``drop_copies``)."""
+    raws = list(raws)
+    sources = list(sources) if sources is not None else [()] * len(raws)
+    return [postprocess(raw, config, texts) for raw, texts in zip(raws, sources, strict=True)]

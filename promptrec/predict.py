@@ -22,7 +22,7 @@ import torch
 
 from promptrec.generation import SamplingParams, generate
 from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
-from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess
+from promptrec.postprocess import PostprocessConfig, postprocess_all
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
 from promptrec.training import RUN_CONFIG, read_run_config
@@ -214,7 +214,8 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
     raw = [""] * len(test)
     for position, out in zip(ok.nonzero()[0], outputs):
         raw[position] = out[0]
-    return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [postprocess(r, post) for r in raw],
+    sources = list(zip(test["original_text"], test["rewritten_text"]))
+    return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": postprocess_all(raw, post, sources),
                          "raw_prediction": raw})
 
 
@@ -256,7 +257,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     output = write_table(submission, args.output)
     if args.raw_output:
         write_table(result[["id", "raw_prediction", "rewrite_prompt"]], args.raw_output)
-    n_fallback = sum(not clean_prediction(r, post) for r in result["raw_prediction"])
+    n_fallback = int((submission["rewrite_prompt"] == post.mean_prompt).sum())
     write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved,
                 "rows": len(test), "rows_without_text": n_bad, "mean_prompt_fallbacks": n_fallback,
                 "seconds": round(time.time() - start, 2)}, output.with_name(f"{output.stem}.config.json"))

@@ -92,3 +92,15 @@ def test_never_blank_and_order_kept():
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         PostprocessConfig(**kwargs)
+
+
+def test_a_copy_of_the_input_is_not_a_prompt():
+    texts = ("The meeting moved to Tuesday at 3pm.", "Arr, the gatherin' be moved to Tuesday at three bells!")
+    assert postprocess("The gatherin' be moved to  Tuesday.", sources=texts) == MEAN
+    assert postprocess("Rewrite this as a pirate would say it.", sources=texts) == (
+        "Rewrite this as a pirate would say it.")
+    assert postprocess("Tuesday.", sources=texts) == "Tuesday."  # too short to call a copy
+    assert postprocess("The gatherin' be moved to Tuesday.", PostprocessConfig(drop_copies=False), texts) == (
+        "The gatherin' be moved to Tuesday.")
+    assert postprocess_all(["The meeting moved to Tuesday", "Make it formal."], sources=[texts, texts]) == [
+        MEAN, "Make it formal."]
