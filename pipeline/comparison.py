@@ -20,12 +20,15 @@ from promptrec.tables import write_json
 # Data sizes and steps per preset. "small" is the main job on 2 CPU cores (~20 min); "tiny" is CI's smoke size;
 # "full" is for a GPU (all triplets, real training lengths).
 SIZES = {
-    "tiny": dict(max_triplets=16, rewrite_new_tokens=48, max_heldout=6, mean_prompt_steps=2, sft_steps=2,
-                 dpo_steps=2, policy_samples=2),
-    "small": dict(max_triplets=160, rewrite_new_tokens=128, max_heldout=40, mean_prompt_steps=8, sft_steps=40,
-                  dpo_steps=30, policy_samples=2),
-    "full": dict(max_triplets=None, rewrite_new_tokens=320, max_heldout=1000, mean_prompt_steps=16, sft_steps=1500,
-                 dpo_steps=600, policy_samples=6),
+    "tiny": {"max_triplets": 16, "rewrite_new_tokens": 48, "max_heldout": 6, "mean_prompt_steps": 2,
+             "sft_steps": 2, "dpo_steps": 2, "policy_samples": 2, "eval_samples": 4,
+             "candidate_triplets": 12},
+    "small": {"max_triplets": 160, "rewrite_new_tokens": 128, "max_heldout": 40, "mean_prompt_steps": 8,
+              "sft_steps": 40, "dpo_steps": 30, "policy_samples": 2, "eval_samples": 24,
+              "candidate_triplets": 160},
+    "full": {"max_triplets": None, "rewrite_new_tokens": 320, "max_heldout": 1000, "mean_prompt_steps": 16,
+             "sft_steps": 1500, "dpo_steps": 600, "policy_samples": 6, "eval_samples": 500,
+             "candidate_triplets": None},
 }
 
 

@@ -54,6 +54,8 @@ class PipelineArguments:
     sft_steps: int | None = field(default=None, metadata={"help": "Override the size's SFT steps."})
     dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
     max_heldout: int | None = field(default=None, metadata={"help": "Override the size's held-out rows scored."})
+    candidate_triplets: int | None = field(default=None, metadata={
+        "help": "Override the size's number of train triplets that get candidates (and so DPO pairs)."})
     extra: list[str] = field(default_factory=list, metadata={
         "help": "Per-stage overrides 'stage:--key=value', e.g. dpo:--beta=0.2 candidates:--num_samples=6."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
@@ -141,14 +143,17 @@ def main(args: PipelineArguments) -> dict:
     def sft(out):
         run.script("sft", "sft/train.py", "--config", args.sft_recipe, "--model_name_or_path", args.model,
                    "--triplets", d / "split" / "train.parquet", "--max_text_tokens", args.max_text_tokens,
-                   "--max_steps", args.knob("sft_steps"), "--scorer", args.scorer, "--output_dir", out, *seed)
+                   "--max_steps", args.knob("sft_steps"), "--scorer", args.scorer, "--output_dir", out,
+                   "--max_eval_samples", args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"),
+                   *seed)
 
     def candidates(out):
         run.script("candidates", "data_generation/candidates.py", "--config", args.candidates_recipe,
                    "--triplets", d / "split" / "train.parquet", "--policy_adapter", d / "sft",
                    "--max_text_tokens", args.max_text_tokens, "--num_samples", args.knob("policy_samples"),
                    "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--scorer", args.scorer,
-                   "--output_dir", out, *seed)
+                   *(["--limit", limit] if (limit := args.knob("candidate_triplets")) else []), "--output_dir", out,
+                   *seed)
 
     def pairs(out):
         run.script("pairs", "data_generation/build_pairs.py", "--config", args.pairs_recipe, "--candidates",
@@ -159,7 +164,8 @@ def main(args: PipelineArguments) -> dict:
         run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--model_name_or_path", args.model,
                    "--sft_adapter", d / "sft", "--train_pairs", d / "pairs" / "train.jsonl", "--eval_pairs",
                    d / "pairs" / "eval.jsonl", "--max_steps", args.knob("dpo_steps"), "--scorer", args.scorer,
-                   "--output_dir", out, *seed)
+                   "--output_dir", out, "--max_eval_pairs", args.knob("eval_samples"), "--eval_scs_samples",
+                   args.knob("eval_samples"), *seed)
 
     def predict(out):
         test = d / "split" / "test.csv"

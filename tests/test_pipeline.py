@@ -1,0 +1,46 @@
+"""The main job at its smallest size: every stage runs, the report has every row, a re-run skips finished stages."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
+            "--size", "tiny"]
+METHODS = 6  # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt
+
+
+@pytest.mark.slow
+def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir):
+    run_dir = tmp_path / "run"
+    first = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                           check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["rows"]) == METHODS
+    assert all(math.isfinite(r["mean_scs"]) and r["example"].strip() for r in report["rows"])
+    assert (run_dir / "report.png").stat().st_size > 0
+    md = (run_dir / "report.md").read_text()
+    assert md.count("\n| ") >= METHODS + 1
+    for stage in ("sft", "dpo"):
+        assert (run_dir / stage / "adapter_config.json").exists()
+    heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
+    trained = set(pd.read_parquet(run_dir / "split" / "train.parquet").rewrite_prompt)
+    assert heldout and not heldout & trained
+    for name in ("base", "sft", "dpo"):
+        sub = pd.read_csv(run_dir / "predict" / f"{name}.csv")
+        assert sub.rewrite_prompt.fillna("").str.strip().str.len().min() > 0
+
+    second = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                            check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done before, skipped") == 9
+    assert "$ " not in second.stderr  # no stage command was started again
