@@ -27,7 +27,13 @@ from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction
-from promptrec.predict import find_config_value, read_run_config, resolve_base_model, resolve_mean_prompt
+from promptrec.predict import (
+    DEFAULT_MAX_TEXT_TOKENS,
+    find_config_value,
+    resolve_base_model,
+    resolve_mean_prompt,
+    run_config_of,
+)
 from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
 from promptrec.tables import DataError, write_json, write_table
 from promptrec.templates import recovery_messages
@@ -127,9 +133,10 @@ def make_sampler(args: CandidateArguments):
     from promptrec.generation import SamplingParams, iter_generate
     from promptrec.models import load_model, load_tokenizer
 
-    run_config = read_run_config(args.policy_adapter)
+    run_config = run_config_of(args.policy_adapter)
     base = resolve_base_model(args.policy, args.policy_adapter, run_config)
-    max_text_tokens = args.max_text_tokens or find_config_value(run_config, "max_text_tokens") or 256
+    max_text_tokens = (args.max_text_tokens or find_config_value(run_config, "max_text_tokens")
+                       or DEFAULT_MAX_TEXT_TOKENS)
     n = args.num_samples if args.temperature > 0 else 1
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
     has_tokenizer = args.policy_adapter and (Path(args.policy_adapter) / "tokenizer_config.json").is_file()

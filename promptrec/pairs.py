@@ -73,7 +73,9 @@ def build_pairs(candidates: Sequence[str], scores: Sequence[float], strategy: st
         combos = [(c, r) for c in can_choose[:k] for r in order[::-1][:k]]
     else:
         combos = [(c, r) for c in can_choose for r in order]
-    kept = [(c, r) for c, r in combos if values[c] - values[r] > tie_tolerance and values[c] - values[r] >= min_margin]
+    # the 1e-9 slack lets 0.5 vs 0.45 pass min_margin 0.05 despite float error
+    kept = [(c, r) for c, r in combos
+            if values[c] - values[r] > tie_tolerance and values[c] - values[r] >= min_margin - 1e-9]
     kept.sort(key=lambda cr: -(values[cr[0]] - values[cr[1]]))  # stable: equal margins keep the order above
     if max_pairs is not None:
         kept = kept[:max_pairs]
