@@ -94,7 +94,7 @@ def scs_eval_triplets(script_args: DPOScriptArguments):
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
     # ---------------------------------------------------------------------------------------------- setup
-    setup_logging()
+    setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     sft_config = inherit_from_sft(script_args, model_args)
     logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
     output_dir = Path(training_args.output_dir)

@@ -27,6 +27,7 @@ import torch
 
 from promptrec.cli import asdict_all
 from promptrec.models import load_model, parse_dtype
+from promptrec.scoring import ScorerArguments
 from promptrec.tables import DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_example, recovery_messages
 from promptrec.triplets import read_triplets
@@ -48,18 +49,14 @@ METRICS = "metrics.json"
 
 
 @dataclass
-class EvalArguments:
-    """Task-format and generation-eval settings shared by the SFT and DPO scripts."""
+class EvalArguments(ScorerArguments):
+    """Task-format and generation-eval settings shared by the SFT and DPO scripts (plus the scorer's options)."""
 
     max_text_tokens: int | None = field(default=256, metadata={
         "help": "Token budget for each of the original and rewritten texts in the recovery prompt (cut with a "
                 "marker). Saved in run_config.json so inference renders prompts the same way."})
     eval_scs_samples: int = field(default=64, metadata={
         "help": "Eval triplets to generate a prompt for and score by SCS at the end (0 turns the SCS eval off)."})
-    scorer: str = field(default="auto", metadata={
-        "help": "SCS scorer: 'auto' (sentence-t5-base when available, else the embedded MiniLM), 'embedded', or a "
-                "sentence-transformers id/dir."})
-    scs_exponent: float = field(default=3.0, metadata={"help": "Exponent of the sharpened cosine similarity."})
     gen_batch_size: int = field(default=8, metadata={"help": "Batch size of the eval generation."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest generated prompt in the SCS eval."})
 
@@ -208,8 +205,6 @@ def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapt
     ``model``, None = adapters disabled = the base model). Per-row predictions go to ``predictions_path``."""
     from trl.trainer.utils import use_adapter
 
-    from promptrec.scoring import Scorer
-
     if df.empty or not adapters:
         return {}
     plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
@@ -217,7 +212,7 @@ def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapt
         logger.warning("SCS eval skipped under DeepSpeed ZeRO-3 (each rank holds a shard of the weights): score the "
                        "saved adapter with inference/predict.py instead")
         return {}
-    scorer = Scorer(eval_args.scorer, exponent=eval_args.scs_exponent)
+    scorer = eval_args.build()
     table = df[["id", "rewrite_prompt"]].copy()
     result = {"n": len(df), "scorer": scorer.identity}
     for label, adapter in adapters.items():

@@ -67,7 +67,7 @@ class SFTScriptArguments(EvalArguments):
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
     # ---------------------------------------------------------------------------------------------- setup
-    setup_logging()
+    setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     logger.info("Script %s\nModel %s", script_args, model_args)
     output_dir = Path(training_args.output_dir)
 

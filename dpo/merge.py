@@ -1,0 +1,57 @@
+"""Merge a trained adapter (an SFT or DPO run folder) into its base and save one plain model for deployment.
+
+    python dpo/merge.py --adapter checkpoints/dpo/smollm2 --output_dir checkpoints/merged/smollm2
+    python dpo/merge.py --adapter checkpoints/dpo/phi2_qlora --output_dir merged/phi2 --dtype float16
+
+The base is loaded unquantised in ``--dtype`` (merging into 4-bit weights would round the adapter away), the
+adapter is folded in with PEFT's ``merge_and_unload``, and the model, the run's tokenizer and its run_config.json
+(with ``merged: true``, so ``max_text_tokens`` travels) are written to ``output_dir``. Load it like any model:
+``inference/predict.py --model <output_dir>`` with no ``--adapter``. Run it after training, outside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.models import load_model, load_tokenizer
+from promptrec.tables import write_json
+from promptrec.training import RUN_CONFIG, read_run_config
+
+logger = logging.getLogger("merge")
+
+
+@dataclass
+class MergeArguments:
+    adapter: str = field(default="checkpoints/dpo/smollm2", metadata={
+        "help": "Run folder of sft/train.py or dpo/train.py (adapter + tokenizer + run_config.json)."})
+    output_dir: str = field(default="checkpoints/merged/smollm2", metadata={"help": "Where the merged model goes."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Base model; default the run's (run_config.json), e.g. a local copy of the same hub model."})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype of the merged weights: auto (bf16/fp16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+
+    def __post_init__(self):
+        if Path(self.output_dir).resolve() == Path(self.adapter).resolve():
+            raise ValueError("output_dir must differ from the adapter folder")
+
+
+def main(args: MergeArguments) -> Path:
+    setup_logging()
+    config = read_run_config(args.adapter)
+    base = args.model_name_or_path or config["model_name_or_path"]
+    logger.info("Merging %s into %s (%s)", args.adapter, base, args.dtype)
+    model = load_model(base, adapter=args.adapter, dtype=args.dtype).merge_and_unload()
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    load_tokenizer(args.adapter).save_pretrained(out)
+    write_json({**config, "merged": True, "merged_from": args.adapter, "model_name_or_path": str(out),
+                "base_model": base, "load_in_4bit": False}, out / RUN_CONFIG)
+    logger.info("Saved the merged model to %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(*parse_args(MergeArguments)))

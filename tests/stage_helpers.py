@@ -1,0 +1,38 @@
+"""Test helpers for the training stages: import an entry script (sft/train.py, dpo/train.py) as a module, compare
+base weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """The module of ``REPO/relpath``, imported once under a unique name (stage folders are not packages)."""
+    name = "stage_" + relpath.replace("/", "_").removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def base_weights(model) -> dict:
+    """The non-LoRA parameters of a model, PEFT-wrapped or not, under the plain model's names (4-bit weights as
+    their packed bytes)."""
+    return {name.replace("base_model.model.", "").replace(".base_layer", ""): param.detach()
+            for name, param in model.named_parameters() if "lora_" not in name}
+
+
+def assert_same_base(trained, fresh) -> None:
+    """Every base parameter of ``trained`` is bit-identical to the freshly loaded ``fresh`` model's."""
+    import torch
+
+    got, want = base_weights(trained), base_weights(fresh)
+    assert got.keys() == want.keys()
+    changed = [name for name in want if not torch.equal(got[name], want[name])]
+    assert not changed, f"base weights changed: {changed[:5]}"

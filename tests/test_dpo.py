@@ -1,0 +1,162 @@
+"""dpo/train.py on the embedded SmolLM2 from an SFT adapter: in-process (margins rise, base untouched, SCS beside
+the SFT adapter's) and under ``accelerate launch`` with 2 CPU processes (DDP over gloo, and DeepSpeed ZeRO-2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from stage_helpers import REPO, assert_same_base, load_script
+
+from promptrec.cli import parse_args
+from promptrec.splits import split_frame
+from promptrec.tables import write_json
+from promptrec.templates import recovery_answer, recovery_messages
+from promptrec.training import lora_config, write_split
+
+RECIPE = str(REPO / "dpo" / "configs" / "smollm2.yaml")
+MAX_TEXT_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, embedded_model_dir):
+    """A folder laid out like an sft/train.py run: a LoRA adapter (the smollm2 recipe's shape), tokenizer,
+    run_config.json, and split.json over a tiny triplet file (first rows of tests/conftest.TINY_TRIPLETS)."""
+    import pandas as pd
+    from conftest import TINY_TRIPLETS
+    from peft import get_peft_model
+    from trl import ModelConfig, SFTConfig
+
+    from promptrec.models import load_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("sft_run")
+    triplets = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r}
+                             for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
+    triplets.to_json(root / "triplets.jsonl", orient="records", lines=True)
+    run = root / "run"
+    _, _, model_args = parse_args(load_script("sft/train.py").SFTScriptArguments, SFTConfig, ModelConfig,
+                                  args=["--config", str(REPO / "sft/configs/smollm2.yaml")])
+    base = load_model("embedded", dtype="float32")
+    get_peft_model(base, lora_config(model_args, base)).save_pretrained(run)
+    load_tokenizer("embedded").save_pretrained(run)
+    write_json({"stage": "sft", "model_name_or_path": "embedded", "max_text_tokens": MAX_TEXT_TOKENS},
+               run / "run_config.json")
+    train, evaluation = split_frame(triplets, 0.25, "id", seed=0)
+    write_split(run / "split.json", str(root / "triplets.jsonl"), [], "id", 0.25, 0, train, evaluation)
+
+    # Pairs in TRL's conversational preference format, as data_generation/build_pairs.py writes them.
+    pairs = [{"id": row.id, "prompt": recovery_messages(row.original_text, row.rewritten_text, None, MAX_TEXT_TOKENS),
+              "chosen": recovery_answer(row.rewrite_prompt),
+              "rejected": recovery_answer(triplets.rewrite_prompt[(i + 3) % len(triplets)]),
+              "score_chosen": 1.0, "score_rejected": 0.05, "source_chosen": "truth", "source_rejected": "bank"}
+             for i, row in enumerate(triplets.itertuples())]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return run
+
+
+def dpo_args(sft_run: Path, out: Path, *extra) -> list[str]:
+    """The smollm2 recipe cut to a few steps on 4 pairs (every step sees all of them)."""
+    pairs = str(sft_run.parent / "pairs.jsonl")
+    return ["--config", RECIPE, "--sft_adapter", str(sft_run), "--train_pairs", pairs, "--max_train_pairs", "4",
+            "--output_dir", str(out), "--max_length", "160", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+            "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no", "--scorer", "embedded",
+            "--max_new_tokens", "6", "--seed", "0", *extra]
+
+
+@pytest.mark.slow
+def test_dpo_raises_margins_keeps_base_and_scores_beside_sft(sft_run, tmp_path):
+    from trl import DPOConfig, ModelConfig
+
+    from promptrec.models import load_model
+
+    script = load_script("dpo/train.py")
+    out = tmp_path / "dpo"
+    argv = dpo_args(sft_run, out, "--max_steps", "3", "--eval_pairs", str(sft_run.parent / "pairs.jsonl"),
+                    "--max_eval_pairs", "4", "--eval_on_start", "true", "--eval_strategy", "steps",
+                    "--eval_steps", "100", "--eval_scs_samples", "2")
+    trainer = script.main(*parse_args(script.DPOScriptArguments, DPOConfig, ModelConfig, args=argv))
+
+    # On the pairs it trained on: margins start at 0 (policy = reference = SFT adapter) and rise, and the
+    # chosen prompt gains log-probability over the rejected one.
+    evals = [row for row in trainer.state.log_history if "eval_rewards/margins" in row]
+    first, last = evals[0], evals[-1]
+    assert abs(first["eval_rewards/margins"]) < 1e-4
+    assert last["eval_rewards/margins"] > 0.05 and last["eval_rewards/accuracies"] >= 0.75
+    gap = lambda row: row["eval_logps/chosen"] - row["eval_logps/rejected"]  # noqa: E731
+    assert gap(last) > gap(first)
+
+    # Only the adapter trained: every base weight equals a fresh load.
+    assert_same_base(trainer.model, load_model("embedded", dtype="float32"))
+
+    # One adapter saved (not TRL's frozen "ref" copy), the SFT run's settings inherited, SCS beside SFT's.
+    assert (out / "adapter_model.safetensors").exists() and not (out / "ref").exists()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model_name_or_path"] == "embedded" and config["max_text_tokens"] == MAX_TEXT_TOKENS
+    scs = json.loads((out / "metrics.json").read_text())["scs"]
+    assert scs["n"] == 2 and set(scs) >= {"dpo", "sft"} and all(-1 <= scs[k] <= 1 for k in ("dpo", "sft"))
+    predictions = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predictions] == json.loads((sft_run / "split.json").read_text())["eval_ids"][:2]
+
+
+LAUNCHERS = {
+    # accelerate's MULTI_GPU launcher + the recipe's use_cpu=True: 2 processes over gloo (see multi_cpu.yaml).
+    "ddp": ["--config_file", "dpo/accelerate/multi_cpu.yaml"],
+    # DeepSpeed ZeRO-2 on the CPU works only with use_cpu=True (the recipe's); the first run on a machine compiles
+    # DeepSpeed's shared-memory allreduce op (~1 min, cached in ~/.cache/torch_extensions).
+    "zero2": ["--config_file", "dpo/accelerate/zero2.yaml", "--num_processes", "2", "--mixed_precision", "no"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_accelerate_launch_two_cpu_processes_trains_one_adapter(sft_run, tmp_path, launcher):
+    out = tmp_path / launcher
+    accelerate = Path(sys.executable).with_name("accelerate")
+    scs = ["--eval_scs_samples", "2"] if launcher == "ddp" else ["--eval_scs_samples", "0"]
+    cmd = [str(accelerate), "launch", *LAUNCHERS[launcher], "dpo/train.py",
+           *dpo_args(sft_run, out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_pairs", "none",
+                     "--precompute_ref_log_probs", "false", *scs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["world_size"] == 2
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["train_loss"] > 0
+    if launcher == "ddp":  # the SCS eval is sharded over the 2 ranks and gathered
+        assert metrics["scs"]["n"] == 2
+
+
+def test_merge_writes_one_model_with_the_adapters_logits(sft_run, tmp_path):
+    import shutil
+
+    from promptrec.models import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    model = load_model("embedded", adapter=str(run), dtype="float32")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so merging has something to fold in
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(run)
+    merge = load_script("dpo/merge.py")
+    out = merge.main(*parse_args(merge.MergeArguments, args=["--adapter", str(run), "--output_dir",
+                                                              str(tmp_path / "merged")]))
+    assert not (out / "adapter_config.json").exists()
+    merged = load_model(str(out), dtype="float32")
+    ids = torch.tensor([[1, 504, 3249, 314, 260, 1345, 30]])
+    with torch.no_grad():
+        base = load_model("embedded", dtype="float32")(ids).logits
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(base, merged(ids).logits, atol=1e-3)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["merged"] and config["max_text_tokens"] == MAX_TEXT_TOKENS and config["base_model"] == "embedded"

@@ -1,0 +1,84 @@
+"""sft/train.py end to end on the embedded SmolLM2 in 4-bit: what SFT must do, and what its run folder holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from stage_helpers import REPO, assert_same_base, load_script
+
+from promptrec.cli import parse_args, run_main
+
+RECIPE = str(REPO / "sft" / "configs" / "smollm2.yaml")
+
+
+def sft_args(triplets, out, *extra):
+    """The smollm2 recipe cut to a few seconds of 4-bit training on a tiny set (every step sees every row)."""
+    return ["--config", RECIPE, "--triplets", str(triplets), "--output_dir", str(out), "--load_in_4bit", "true",
+            "--max_text_tokens", "16", "--max_length", "192", "--eval_fraction", "0.25", "--split_by", "id",
+            "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
+            "--eval_strategy", "no", "--save_strategy", "no", "--eval_scs_samples", "0", "--seed", "0", *extra]
+
+
+def parse(argv):
+    from trl import ModelConfig, SFTConfig
+
+    return parse_args(load_script("sft/train.py").SFTScriptArguments, SFTConfig, ModelConfig, args=argv)
+
+
+@pytest.mark.slow
+def test_sft_qlora_trains_saves_and_reloads(tmp_path, tiny_triplets):
+    from promptrec.models import load_model, load_tokenizer
+
+    triplets = tmp_path / "triplets.jsonl"
+    tiny_triplets.to_json(triplets, orient="records", lines=True)
+    out = tmp_path / "run"
+    trainer = load_script("sft/train.py").main(*parse(sft_args(triplets, out)))
+    model = trainer.model
+
+    # The loss on the (fixed) training batch went down.
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    # LoRA B starts at zero, so non-zero B means the adapter trained; the frozen 4-bit base is bit-identical.
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    assert_same_base(model, load_model("embedded", load_in_4bit=True, dtype="float32"))
+
+    # The saved adapter reloads (as inference loads it) and gives the same logits. TRL trains QLoRA adapters in
+    # bf16; PEFT reloads them in fp32 (same values), so the trained copy is upcast to compare like with like.
+    tokenizer = load_tokenizer(str(out))
+    batch = tokenizer(["Recover the instruction: Arr matey!", "Make it formal."], return_tensors="pt", padding=True)
+    model.eval()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    with torch.no_grad():
+        before = model(**batch).logits
+        reloaded = load_model("embedded", adapter=str(out), load_in_4bit=True, dtype="float32")
+        after = reloaded(**batch).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+    # The run folder is self-contained.
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model_name_or_path"] == "embedded" and config["max_text_tokens"] == 16 and config["load_in_4bit"]
+    assert set(config["lora_target_modules"]) == set(config["ModelConfig"]["lora_target_modules"])
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train_ids"] + split["eval_ids"]) == sorted(tiny_triplets.id)
+    assert split["eval_ids"] and not set(split["train_ids"]) & set(split["eval_ids"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["eval_loss"] > 0 and metrics["train"]["train_loss"] > 0
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "adapter_model.safetensors").exists()
+
+
+def test_bad_triplets_give_one_line_error(tmp_path, tiny_triplets, capsys):
+    bad = tmp_path / "bad.csv"
+    tiny_triplets.drop(columns="rewritten_text").to_csv(bad, index=False)
+    main = load_script("sft/train.py").main
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main(*parse(sft_args(bad, tmp_path / "run"))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "bad.csv" in err and "rewritten_text" in err
