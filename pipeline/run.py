@@ -13,6 +13,7 @@ redo). Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import subprocess
@@ -176,12 +177,15 @@ def main(args: PipelineArguments) -> dict:
             run.script("predict", "inference/predict.py", *cli, *(["--adapter", adapter] if adapter else []))
 
     def report(out):
-        result = build_report(d, args.scorer, out_dir=d)
-        print("\n" + result["table"], flush=True)
+        build_report(d, args.scorer, out_dir=d)
 
     for stage, fn in zip(STAGES, (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, predict, report)):
         run.stage(stage, fn)
-    write_json({"timings_s": run.timings}, d / "timings.json")
+    timings_file = d / "timings.json"
+    timings = json.loads(timings_file.read_text())["timings_s"] if timings_file.exists() else {}
+    write_json({"timings_s": {**timings, **run.timings}}, timings_file)
+    table = [line for line in (d / "report.md").read_text().splitlines() if line.startswith("|")]
+    print(f"\nHeld-out comparison ({d / 'report.md'}):\n" + "\n".join(table), flush=True)
     return {"run_dir": str(d), "timings": run.timings}
 
 
