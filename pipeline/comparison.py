@@ -24,7 +24,7 @@ SIZES = {
              "sft_steps": 2, "dpo_steps": 2, "policy_samples": 2, "eval_samples": 4,
              "candidate_triplets": 12},
     "small": {"max_triplets": 160, "rewrite_new_tokens": 128, "max_heldout": 40, "mean_prompt_steps": 8,
-              "sft_steps": 40, "dpo_steps": 30, "policy_samples": 2, "eval_samples": 24,
+              "sft_steps": 30, "dpo_steps": 20, "policy_samples": 2, "eval_samples": 24,
               "candidate_triplets": 160},
     "full": {"max_triplets": None, "rewrite_new_tokens": 320, "max_heldout": 1000, "mean_prompt_steps": 16,
              "sft_steps": 1500, "dpo_steps": 600, "policy_samples": 6, "eval_samples": 500,
