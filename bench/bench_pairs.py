@@ -80,7 +80,7 @@ def bench_ranking(args: BenchArguments, triplets) -> dict:
     cargs = cand.CandidateArguments(sources=["bank_hard", "bank_random", "mean", "true"], bank=args.bank,
                                     bank_column=args.bank_column, scorer=args.scorer, seed=args.seed)
     negatives = cand.bank_negatives(cargs, rows.rewrite_prompt.tolist(), rows.id.tolist())
-    lists = [cand.example_record({**r, "_use_true": True}, "Improve the text to this.", [], neg)["candidates"]
+    lists = [cand.example_record(r, True, "Improve the text to this.", [], neg)["candidates"]
              for r, neg in zip(rows.to_dict(orient="records"), negatives)]
     scorer = Scorer(args.scorer)
     scorer.encode(["warm-up"])  # model load is not throughput

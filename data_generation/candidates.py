@@ -72,6 +72,8 @@ class CandidateArguments:
     bank: list[str] = field(default_factory=lambda: ["bank"], metadata={
         "help": "Prompt bank: 'bank' (built-in) and/or files, e.g. ../shared/data/prompts.csv."})
     bank_column: str = field(default="rewrite_prompt", metadata={"help": "Prompt column of bank files."})
+    bank_limit: int | None = field(default=None, metadata={
+        "help": "Use a seeded random sample of this many bank prompts (49k take many minutes to embed on a CPU)."})
     n_hard: int = field(default=4, metadata={"help": "Hard bank negatives per triplet."})
     n_random: int = field(default=4, metadata={"help": "Random bank negatives per triplet."})
     hard_ceiling: float = field(default=0.9, metadata={
@@ -101,11 +103,15 @@ class CandidateArguments:
         return dict(r.split("=", 1) for r in self.rename)
 
 
-def load_bank(sources: list[str], column: str) -> list[str]:
-    """Distinct bank prompts (by :func:`text_key`), in file order."""
+def load_bank(sources: list[str], column: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Distinct bank prompts (by :func:`text_key`) in file order; a seeded sample of ``limit`` of them if given."""
     frames = [corpus.prompt_bank() if s == "bank" else corpus.read_prompts(s, column) for s in sources]
     prompts = pd.concat(frames, ignore_index=True)["rewrite_prompt"].tolist()
-    return list({text_key(p): p for p in reversed(prompts)}.values())[::-1]
+    prompts = list({text_key(p): p for p in reversed(prompts)}.values())[::-1]
+    if limit and limit < len(prompts):
+        keep = np.sort(np.random.default_rng(seed).choice(len(prompts), limit, replace=False))
+        prompts = [prompts[i] for i in keep]
+    return prompts
 
 
 def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) -> list[dict[str, list[str]]]:
@@ -116,7 +122,7 @@ def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) 
         return [{"bank_hard": [], "bank_random": []} for _ in truths]
     from promptrec.scoring import Scorer
 
-    bank = load_bank(args.bank, args.bank_column)
+    bank = load_bank(args.bank, args.bank_column, args.bank_limit, args.seed)
     scorer = Scorer(args.scorer, cache_dir=args.scorer_cache_dir)
     logger.info("Negatives: %d bank prompts, embedded with %s", len(bank), scorer.identity["model"])
     picks = select_negatives(scorer.encode(truths), scorer.encode(bank), n_hard, n_random, args.hard_ceiling,
@@ -152,9 +158,10 @@ def make_sampler(args: CandidateArguments):
             max_text_tokens)
 
 
-def example_record(row: dict, mean_prompt: str | None, samples: list[str], negatives: dict[str, list[str]]) -> dict:
+def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: list[str],
+                   negatives: dict[str, list[str]]) -> dict:
     """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
-    found = [(row["rewrite_prompt"], TRUE_SOURCE)] if row["_use_true"] else []
+    found = [(row["rewrite_prompt"], TRUE_SOURCE)] if use_true else []
     found += [(mean_prompt, "mean")] if mean_prompt else []
     found += [(clean_prediction(s), "policy") for s in samples]
     found += [(c, src) for src in ("bank_hard", "bank_random") for c in negatives[src]]
@@ -172,11 +179,12 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
     logger.info("%d of %d triplets to do in this process (rank %d/%d)", len(todo), len(ids), rank, world)
     if not todo:
         return
-    rows = triplets.assign(_use_true=TRUE_SOURCE in args.sources).iloc[todo].to_dict(orient="records")
+    rows = triplets.iloc[todo].to_dict(orient="records")
+    use_true = TRUE_SOURCE in args.sources
     mean = resolve_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
     negatives = bank_negatives(args, [r["rewrite_prompt"] for r in rows], [r["id"] for r in rows])
     if "policy" not in args.sources:
-        writer.append(example_record(r, mean, [], neg) for r, neg in zip(rows, negatives))
+        writer.append(example_record(r, use_true, mean, [], neg) for r, neg in zip(rows, negatives))
         return
     tokenizer, batches, max_text_tokens = make_sampler(args)
     convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, max_text_tokens) for r in rows]
@@ -184,7 +192,7 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
         logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,
                                                                              add_generation_prompt=True))
     for batch, outputs in batches(convs, "sample candidates"):
-        writer.append(example_record(rows[j], mean, outs, negatives[j]) for j, outs in zip(batch, outputs))
+        writer.append(example_record(rows[j], use_true, mean, outs, negatives[j]) for j, outs in zip(batch, outputs))
 
 
 def main(args: CandidateArguments) -> pd.DataFrame | None:

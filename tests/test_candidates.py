@@ -60,10 +60,10 @@ def scorer(embedding_cache):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, embedded_model_dir, embedding_cache):
-    """Both steps from their recipes (+ overrides) on 10 tiny triplets: SmolLM2 samples + bank negatives, MiniLM."""
+    """Both steps from their recipes (+ overrides) on 8 tiny triplets (one batch): SmolLM2 samples, bank, MiniLM."""
     root = tmp_path_factory.mktemp("pipeline")
     tiny = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r,
-                          "prompt_category": "misc"} for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
+                          "prompt_category": "misc"} for i, (o, p, r) in enumerate(TINY_TRIPLETS[:6])])
     triplets = write_triplets(tiny, root / "triplets.jsonl")
     out = root / "run"
     small = ["--scorer_cache_dir", embedding_cache, "--max_text_tokens", "48"]
