@@ -19,7 +19,8 @@ def sft_args(triplets, out, *extra):
             "--max_text_tokens", "16", "--max_length", "192", "--eval_fraction", "0.25", "--split_by", "id",
             "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
             "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
-            "--eval_strategy", "no", "--save_strategy", "no", "--eval_scs_samples", "0", "--seed", "0", *extra]
+            "--eval_strategy", "no", "--save_strategy", "no", "--eval_scs_samples", "0", "--seed", "0",
+            "--use_bnb_nested_quant", "true", *extra]
 
 
 def parse(argv):
