@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variant
+from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variants
 
 from promptrec.cli import parse_args, run_main
 
@@ -117,17 +117,7 @@ def main(args: BenchArguments) -> dict:
     if args.variant:
         emit(run_one(args))
         return {}
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
-    argv = ["--triplets", args.triplets, "--producers", *args.producers, "--rows", str(args.rows), "--batch_size",
-            str(args.batch_size), "--max_text_tokens", str(args.max_text_tokens), "--threads", str(args.threads),
-            "--seed", str(args.seed), *(["--pairs", args.pairs] if args.pairs else []),
-            *(["--sft_adapter", args.sft_adapter] if args.sft_adapter else [])]
-    results = {}
-    for name in args.variants:
-        print(f"running {name} ...", flush=True)
-        results[name] = run_variant(__file__, name, argv)
+    results = run_variants(__file__, args, VARIANTS)
     print_table(results, ["tokens_per_s", "seconds", "epoch_s", "peak_rss_mb", "train_mem_mb"])
     online, pre, separate = (results.get(n, {}) for n in VARIANTS)
     ratios = {

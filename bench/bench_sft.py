@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variant
+from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variants
 
 from promptrec.cli import parse_args, run_main
 
@@ -94,16 +94,7 @@ def main(args: BenchArguments) -> dict:
     if args.variant:
         emit(run_one(args))
         return {}
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
-    argv = ["--triplets", args.triplets, "--producers", *args.producers, "--rows", str(args.rows), "--batch_size",
-            str(args.batch_size), "--steps", str(args.steps), "--max_text_tokens", str(args.max_text_tokens),
-            "--threads", str(args.threads), "--seed", str(args.seed)]
-    results = {}
-    for name in args.variants:
-        print(f"running {name} ...", flush=True)
-        results[name] = run_variant(__file__, name, argv)
+    results = run_variants(__file__, args, VARIANTS)
     print_table(results, ["tokens_per_s", "seconds", "tokens", "peak_rss_mb", "train_mem_mb", "model_mb"])
     base = results.get("fp32_padded", {})
     speed = {f"{n} / fp32_padded tokens/s": ratio(results[n]["tokens_per_s"], base.get("tokens_per_s"))

@@ -6,6 +6,7 @@ Peak CPU memory (``ru_maxrss``) only grows within a process, so each variant run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -65,6 +66,29 @@ def run_variant(script: str, variant: str, argv: list[str]) -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"variant {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def to_argv(args) -> list[str]:
+    """A bench's dataclass back to command-line flags for its child processes (variant selection left out)."""
+    argv = []
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name in ("variant", "variants") or value is None or value == []:
+            continue
+        argv += [f"--{f.name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+def run_variants(script: str, args, known) -> dict[str, dict]:
+    """Run each of ``args.variants`` (checked against ``known``) in its own process; results by name."""
+    unknown = set(args.variants) - set(known)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {list(known)}")
+    results = {}
+    for name in args.variants:
+        print(f"running {name} ...", flush=True)
+        results[name] = run_variant(script, name, to_argv(args))
+    return results
 
 
 def ratio(a, b) -> float | None:
