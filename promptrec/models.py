@@ -199,6 +199,22 @@ def default_device_map():
     return "cpu"
 
 
+def keep_cpu_4bit_exact(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU repacking of 4-bit weights; returns the layers changed.
+
+    On its first no-grad eval forward on such a CPU, bitsandbytes 0.50 repacks each ``Linear4bit`` weight and rounds
+    its absmax to bf16; ``state_dict()`` (every save) unpacks it and re-quantises the absmax. Each eval → save cycle
+    of a training run (or an SCS eval before saving) thus shifts the frozen base a little, so the trained model and
+    the same adapter reloaded give different logits. The unpacked path is exact and is what a GPU runs anyway.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
                quant_storage=None, bnb_config=None):
@@ -218,6 +234,8 @@ def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, quantization_config=quant,
                                                  device_map=device_map)
+    if quant is not None and getattr(quant, "load_in_4bit", False):
+        keep_cpu_4bit_exact(model)
     if adapter:
         from peft import PeftModel
 

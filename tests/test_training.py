@@ -115,6 +115,20 @@ def test_completion_only_loss_masks_the_rendered_prompt(tmp_path, tiny_triplets,
     assert supervised.startswith(tiny_triplets.rewrite_prompt[0]) and "<|im_end|>" in supervised
 
 
+def test_4bit_cpu_model_is_unchanged_by_eval_and_saving(embedded_tokenizer):
+    """An eval forward then ``state_dict()`` (what every checkpoint save does) must leave a 4-bit model's logits
+    bit-identical: bitsandbytes' CPU repacking would round and re-quantise the frozen base's absmax."""
+    from promptrec.models import load_model
+
+    model = load_model("embedded", load_in_4bit=True, dtype="float32").eval()
+    batch = embedded_tokenizer(["Recover the instruction: Arr matey!"], return_tensors="pt")
+    with torch.no_grad():
+        first = model(**batch).logits
+        model.state_dict()
+        again = model(**batch).logits
+    assert torch.equal(first, again)
+
+
 def test_split_is_stable_when_rows_are_added():
     """Eval membership depends on the key alone, so stages reading different subsets of one file agree."""
     small = pd.DataFrame({"id": [f"r{i}" for i in range(40)]})
