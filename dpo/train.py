@@ -32,6 +32,7 @@ from promptrec.training import (
     read_run_config,
     read_split_triplets,
     resolve_resume,
+    rows_consumed,
     run_config,
     save_run,
     scs_eval,
@@ -51,7 +52,9 @@ class DPOScriptArguments(EvalArguments):
         "help": "Preference pairs in TRL's conversational format (prompt, chosen, rejected; .jsonl/.parquet)."})
     eval_pairs: str | None = field(default=None, metadata={
         "help": "Eval pairs (reward accuracy and margins during training); empty or 'none' for none."})
-    max_train_pairs: int | None = field(default=None, metadata={"help": "Use a seeded sample of this many pairs."})
+    max_train_pairs: int | None = field(default=None, metadata={
+        "help": "Use a seeded sample of this many pairs. With max_steps, at most the pairs those steps reach are "
+                "sampled anyway (so precompute_ref_log_probs covers only what is trained on)."})
     max_eval_pairs: int | None = field(default=64, metadata={"help": "Cap on the eval pairs."})
     eval_triplets: str | None = field(default=None, metadata={
         "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
@@ -104,7 +107,10 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     model = load_base(model_args, adapter=script_args.sft_adapter, is_trainable=True)
 
     # -------------------------------------------------------------------------------------------- dataset
-    train_ds = read_pairs(script_args.train_pairs, script_args.max_train_pairs, training_args.seed)
+    # With max_steps, only a seeded sample of the pairs those steps reach: precompute_ref_log_probs would otherwise
+    # run the reference over every pair in the file, most of which training never sees.
+    caps = [n for n in (script_args.max_train_pairs, rows_consumed(training_args)) if n]
+    train_ds = read_pairs(script_args.train_pairs, min(caps) if caps else None, training_args.seed)
     eval_ds = read_pairs(script_args.eval_pairs, script_args.max_eval_pairs) if script_args.eval_pairs else None
     if eval_ds is None:
         training_args.eval_strategy = "no"

@@ -156,6 +156,15 @@ def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
     return Dataset.from_list(rows)
 
 
+def rows_consumed(training_args) -> int | None:
+    """Training rows that ``max_steps`` reaches (steps × per-device batch × accumulation × processes), or None
+    when training runs by epochs. Rows past it are never trained on, so nothing need be computed for them."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        return None
+    return (training_args.max_steps * training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps * training_args.world_size)
+
+
 def write_split(path: Path, source: str, producers, split_by: str, eval_fraction: float, seed: int,
                 train: pd.DataFrame, evaluation: pd.DataFrame) -> None:
     """``split.json``: where the triplets came from and which ids went where (DPO evaluates on the same ids)."""

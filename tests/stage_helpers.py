@@ -36,3 +36,45 @@ def assert_same_base(trained, fresh) -> None:
     assert got.keys() == want.keys()
     changed = [name for name in want if not torch.equal(got[name], want[name])]
     assert not changed, f"base weights changed: {changed[:5]}"
+
+
+
+_KILL_AT_STEP = """
+import os, runpy, signal, sys
+import trl
+from transformers import TrainerCallback
+
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: as a killed job dies
+
+
+trainer_cls = getattr(trl, {trainer!r})
+setattr(trl, {trainer!r}, lambda *a, **k: trainer_cls(*a, callbacks=[KillAt()], **k))
+sys.argv = [{script!r}, *{argv!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def run_killed_at_step(script: str, trainer: str, argv: list[str], step: int):
+    """Run ``python script *argv`` in a child process whose ``trl.<trainer>`` SIGKILLs it at the end of training
+    step ``step``; returns the ``CompletedProcess`` (returncode -9 when the kill came)."""
+    import subprocess
+    import sys
+
+    code = _KILL_AT_STEP.format(step=step, trainer=trainer, script=str(REPO / script), argv=argv)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def count_training_steps(monkeypatch, trainer_cls) -> list:
+    """Count the micro-batches ``trainer_cls`` trains on in this process (one list item per ``training_step``)."""
+    calls, original = [], trainer_cls.training_step
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "training_step", counted)
+    return calls

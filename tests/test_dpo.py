@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_helpers import REPO, assert_same_base, load_script
+from stage_helpers import REPO, assert_same_base, count_training_steps, load_script, run_killed_at_step
 
 from promptrec.cli import parse_args
 from promptrec.splits import split_frame
@@ -102,6 +102,40 @@ def test_dpo_raises_margins_keeps_base_and_scores_beside_sft(sft_run, tmp_path):
     assert scs["n"] == 2 and set(scs) >= {"dpo", "sft"} and all(-1 <= scs[k] <= 1 for k in ("dpo", "sft"))
     predictions = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in predictions] == json.loads((sft_run / "split.json").read_text())["eval_ids"][:2]
+
+
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypatch):
+    """kill -9 after the step-2 checkpoint, then ``--resume_from_checkpoint last``: the resumed run logs the same
+    losses and saves the same adapter as one never killed (the reference log-probs are precomputed again)."""
+    from safetensors.torch import load_file
+    from trl import DPOConfig, DPOTrainer, ModelConfig
+
+    script = load_script("dpo/train.py")
+
+    def argv(out, *extra):
+        return dpo_args(sft_run, out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_pairs",
+                        "none", "--eval_scs_samples", "0", "--save_strategy", "steps", "--save_steps", "2", *extra)
+
+    def run(out, *extra):
+        return script.main(*parse_args(script.DPOScriptArguments, DPOConfig, ModelConfig, args=argv(out, *extra)))
+
+    straight = run(tmp_path / "straight")
+    killed = run_killed_at_step("dpo/train.py", "DPOTrainer", argv(tmp_path / "killed"), step=3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "run_config.json").exists()
+    steps = count_training_steps(monkeypatch, DPOTrainer)
+    resumed = run(tmp_path / "killed", "--resume_from_checkpoint", "last")
+    assert steps == [2, 3]  # only the steps after the checkpoint were trained again
+
+    losses = lambda trainer: {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}  # noqa: E731
+    assert resumed.state.global_step == 4 and list(losses(resumed)) == [1, 2, 3, 4]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    want = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
 
 
 LAUNCHERS = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from stage_helpers import REPO, assert_same_base, load_script
+from stage_helpers import REPO, assert_same_base, count_training_steps, load_script, run_killed_at_step
 
 from promptrec.cli import parse_args, run_main
 
@@ -83,3 +83,41 @@ def test_bad_triplets_give_one_line_error(tmp_path, tiny_triplets, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "bad.csv" in err and "rewritten_text" in err
+
+
+def adapter_tensors(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_sft_run_resumes_to_the_same_adapter(tmp_path, tiny_triplets, monkeypatch):
+    """kill -9 after the step-2 checkpoint, then ``--resume_from_checkpoint last``: the same losses step by step and
+    the same adapter as a run that was never killed (5 train rows at batch 2: the resume lands mid-epoch)."""
+    triplets = tmp_path / "triplets.jsonl"
+    tiny_triplets.to_json(triplets, orient="records", lines=True)
+
+    def argv(out, *extra):
+        return sft_args(triplets, out, "--load_in_4bit", "false", "--max_steps", "4", "--save_strategy", "steps",
+                        "--save_steps", "2", "--per_device_train_batch_size", "2", *extra)
+
+    main = load_script("sft/train.py").main
+    straight = main(*parse(argv(tmp_path / "straight")))
+
+    killed = run_killed_at_step("sft/train.py", "SFTTrainer", argv(tmp_path / "killed"), step=3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "run_config.json").exists()
+    from trl import SFTTrainer
+
+    steps = count_training_steps(monkeypatch, SFTTrainer)
+    resumed = main(*parse(argv(tmp_path / "killed", "--resume_from_checkpoint", "last")))
+    assert steps == [2, 3]  # only the steps after the checkpoint were trained again
+
+    losses = lambda trainer: {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}  # noqa: E731
+    assert resumed.state.global_step == 4 and list(losses(resumed)) == [1, 2, 3, 4]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    want, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])

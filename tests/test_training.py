@@ -13,7 +13,7 @@ from stage_helpers import REPO, load_script
 from promptrec.cli import parse_args
 from promptrec.splits import split_frame
 from promptrec.tables import DataError
-from promptrec.training import check_lora_targets, lora_config, read_pairs, sft_dataset
+from promptrec.training import check_lora_targets, lora_config, read_pairs, rows_consumed, sft_dataset
 
 SFT_RECIPES = sorted((REPO / "sft" / "configs").glob("*.yaml"))
 DPO_RECIPES = sorted((REPO / "dpo" / "configs").glob("*.yaml"))
@@ -127,6 +127,14 @@ def test_4bit_cpu_model_is_unchanged_by_eval_and_saving(embedded_tokenizer):
         model.state_dict()
         again = model(**batch).logits
     assert torch.equal(first, again)
+
+
+def test_rows_consumed_is_what_max_steps_reaches():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2)
+    assert rows_consumed(args) == 48
+    assert rows_consumed(SimpleNamespace(**{**vars(args), "max_steps": -1})) is None  # by epochs: every row
 
 
 def test_split_is_stable_when_rows_are_added():
