@@ -126,7 +126,8 @@ def main(args: PipelineArguments) -> dict:
         from promptrec.splits import split_frame
 
         df, _ = read_triplets(str(d / "rewrite" / "triplets.parquet"))
-        train, heldout = split_frame(df, args.heldout_fraction, by="prompt", seed=args.seed)
+        # salted: the stages split this train side again (by prompt, same seed) for their own eval rows
+        train, heldout = split_frame(df, args.heldout_fraction, by="prompt", seed=args.seed, salt="heldout")
         heldout = heldout.sample(frac=1.0, random_state=args.seed).head(args.knob("max_heldout"))
         write_table(train, out / "train.parquet")
         write_table(heldout, out / "heldout.parquet")

@@ -4,6 +4,10 @@ A row goes to eval when a seeded hash of its group key falls below ``eval_fracti
 the key alone, not on which other rows are in the file, so SFT, candidate/pair building and DPO — each reading
 the same triplets on its own — put the same examples (or the same prompts) in eval, and nothing trained on in
 one stage is evaluated on in another. ``by="prompt"`` keeps every rewrite of one prompt on one side.
+
+A split taken from the train side of another split needs its own ``salt``: with the same seed and salt the
+inner eval rows (hash < 0.1, say) would all be ones the outer split already took (hash < 0.2), leaving the
+inner eval side empty.
 """
 
 from __future__ import annotations
@@ -30,19 +34,20 @@ def group_keys(df: pd.DataFrame, by: str = "id") -> pd.Series:
     raise ValueError(f"split_by must be one of {SPLIT_BY}, not '{by}'")
 
 
-def key_fraction(key: str, seed: int = 0) -> float:
-    """A uniform number in [0, 1) fixed by ``(seed, key)``."""
-    digest = hashlib.sha1(f"{seed}\x00{key}".encode()).digest()
+def key_fraction(key: str, seed: int = 0, salt: str = "") -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, salt, key)``."""
+    salted = f"{seed}\x00{salt}\x00{key}" if salt else f"{seed}\x00{key}"
+    digest = hashlib.sha1(salted.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def eval_mask(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0) -> np.ndarray:
+def eval_mask(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0, salt: str = "") -> np.ndarray:
     """Boolean array, True for eval rows. With more than one group and ``0 < eval_fraction < 1``, both sides get
-    at least one group (tiny sets would otherwise end with an empty side)."""
+    at least one group (tiny sets would otherwise end with an empty side). ``salt`` names the split (see above)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
     keys = group_keys(df, by)
-    fractions = keys.map(lambda k: key_fraction(k, seed)).to_numpy()
+    fractions = keys.map(lambda k: key_fraction(k, seed, salt)).to_numpy()
     mask = fractions < eval_fraction
     if eval_fraction > 0 and keys.nunique() > 1:
         if not mask.any():
@@ -52,8 +57,8 @@ def eval_mask(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int 
     return mask
 
 
-def split_frame(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0
+def split_frame(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0, salt: str = ""
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train, eval)`` rows of ``df`` (which needs ``id``, and ``rewrite_prompt`` for ``by="prompt"``)."""
-    mask = eval_mask(df, eval_fraction, by, seed)
+    mask = eval_mask(df, eval_fraction, by, seed, salt)
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)

@@ -147,6 +147,19 @@ def test_split_is_stable_when_rows_are_added():
     assert set(small_eval.id) == set(big_eval.id) & set(small.id)
 
 
+def test_a_salted_outer_split_leaves_the_stages_their_own_eval_rows():
+    """The pipeline holds prompts out, then SFT and pair building split its train side again by prompt with the
+    same seed: unsalted, every prompt the inner split would pick was already held out (the real-data run's SFT
+    got 1 eval row of 744)."""
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(600)], "rewrite_prompt": [f"prompt {i}" for i in range(600)]})
+    train, heldout = split_frame(df, 0.2, "prompt", seed=42)
+    _, inner = split_frame(train, 0.1, "prompt", seed=42)
+    assert len(inner) == 1  # the degenerate case: only the "at least one group" rule puts anything there
+    train, heldout = split_frame(df, 0.2, "prompt", seed=42, salt="heldout")
+    _, inner = split_frame(train, 0.1, "prompt", seed=42)
+    assert 0.05 * len(train) < len(inner) < 0.15 * len(train)
+    assert not set(heldout.rewrite_prompt) & set(train.rewrite_prompt)
+
 def test_read_pairs_checks_the_conversational_format(tmp_path):
     prompt = [{"role": "user", "content": "Original text: a. Rewritten text: b."}]
     good = {"id": "x", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Make it formal."}],
