@@ -52,6 +52,8 @@ class PairArguments:
     k: int = field(default=2, metadata={"help": "k of topk_bottomk."})
     max_pairs_per_example: int | None = field(default=4, metadata={"help": "Cap per example (largest margins)."})
     allow_true_chosen: bool = field(default=True, metadata={"help": "May the true prompt be the chosen side?"})
+    rejected_sources: list[str] = field(default_factory=list, metadata={
+        "help": "Only these candidate sources may be rejected, e.g. policy (on-policy pairs); empty: any."})
     tokenizer: str = field(default="embedded", metadata={
         "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens)."})
     max_text_tokens: int = field(default=256, metadata={"help": "Each text is cut to this many tokens in the prompt."})
@@ -118,7 +120,8 @@ def pair_rows(args: PairArguments, example: dict, tokenizer) -> list[dict]:
     """The example's pairs as TRL conversational preference rows plus ids, scores and sources."""
     found = P.build_pairs(example["candidates"], example["scores"], args.strategy, args.min_margin,
                           sources=example["sources"], k=args.k, max_pairs=args.max_pairs_per_example,
-                          allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"])
+                          allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"],
+                          rejected_sources=args.rejected_sources)
     return [{"id": example["id"], **preference_example(example["original_text"], example["rewritten_text"],
                                                        p["chosen"], p["rejected"], tokenizer, args.max_text_tokens),
              **{k: p[k] for k in ("score_chosen", "score_rejected", "source_chosen", "source_rejected")}}
@@ -130,7 +133,8 @@ def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, ev
     both = pd.concat([train, evals])
     per_strategy = {s: sum(len(P.build_pairs(c, sc, s, args.min_margin, sources=so, k=args.k,
                                              max_pairs=args.max_pairs_per_example,
-                                             allow_true_chosen=args.allow_true_chosen, true_prompt=t))
+                                             allow_true_chosen=args.allow_true_chosen, true_prompt=t,
+                                             rejected_sources=args.rejected_sources))
                            for c, sc, so, t in zip(scored["candidates"], scored["scores"], scored["sources"],
                                                    scored["rewrite_prompt"]))
                     for s in P.STRATEGIES}

@@ -44,12 +44,14 @@ def dedupe_candidates(candidates: Sequence[str], scores: Sequence[float], source
 def build_pairs(candidates: Sequence[str], scores: Sequence[float], strategy: str = "best_vs_worst",
                 min_margin: float = 0.0, *, sources: Sequence[str] | None = None, k: int = 2,
                 max_pairs: int | None = None, allow_true_chosen: bool = True, true_prompt: str | None = None,
-                tie_tolerance: float = 1e-6) -> list[dict]:
+                tie_tolerance: float = 1e-6, rejected_sources: Sequence[str] | None = None) -> list[dict]:
     """Pairs for one example: dicts ``chosen, rejected, score_chosen, score_rejected, source_chosen, source_rejected``.
 
     ``sources[i]`` names where candidate i came from (``"true"`` marks the true prompt; so does matching
     ``true_prompt``). With ``allow_true_chosen=False`` the true prompt is never the chosen side, so the policy
-    learns to rank its own kind of outputs rather than only to copy the label. Pairs come in decreasing margin.
+    learns to rank its own kind of outputs rather than only to copy the label. ``rejected_sources`` (e.g.
+    ``["policy"]``) limits the rejected side to those sources: on-policy pairs push down what the model actually
+    says, where a random bank prompt is already unlikely. Pairs come in decreasing margin.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -67,12 +69,13 @@ def build_pairs(candidates: Sequence[str], scores: Sequence[float], strategy: st
     is_true = [s == TRUE_SOURCE or text_key(t) == true_key for t, s in zip(texts, srcs)]
     order = sorted(range(len(texts)), key=lambda i: (-values[i], i))  # best first; ties keep input order
     can_choose = [i for i in order if allow_true_chosen or not is_true[i]]
+    worst_first = [i for i in order[::-1] if not rejected_sources or srcs[i] in rejected_sources]
     if strategy == "best_vs_worst":
-        combos = [(can_choose[0], order[-1])] if can_choose else []
+        combos = [(can_choose[0], worst_first[0])] if can_choose and worst_first else []
     elif strategy == "topk_bottomk":
-        combos = [(c, r) for c in can_choose[:k] for r in order[::-1][:k]]
+        combos = [(c, r) for c in can_choose[:k] for r in worst_first[:k]]
     else:
-        combos = [(c, r) for c in can_choose for r in order]
+        combos = [(c, r) for c in can_choose for r in worst_first]
     # the 1e-9 slack lets 0.5 vs 0.45 pass min_margin 0.05 despite float error
     kept = [(c, r) for c, r in combos
             if values[c] - values[r] > tie_tolerance and values[c] - values[r] >= min_margin - 1e-9]

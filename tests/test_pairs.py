@@ -51,6 +51,18 @@ def test_true_prompt_is_never_chosen_when_not_allowed():
     assert pairs == []
 
 
+def test_rejected_sources_limits_the_rejected_side_to_those_sources():
+    sources = ["true", "policy", "bank_hard", "policy", "bank_random"]
+    (pair,) = build_pairs(CANDS, SCORES, "best_vs_worst", sources=sources, rejected_sources=["policy"])
+    assert (pair["chosen"], pair["rejected"]) == ("true prompt", "poor")  # the worst policy sample, not "bad"
+    for strategy in STRATEGIES:
+        pairs = build_pairs(CANDS, SCORES, strategy, sources=sources, rejected_sources=["policy"])
+        assert pairs and all(p["source_rejected"] == "policy" for p in pairs)
+    assert build_pairs(CANDS, SCORES, "all_pairs", sources=sources, rejected_sources=["mean"]) == []
+    # the best policy sample can still be chosen over a worse policy sample
+    pairs = build_pairs(CANDS, SCORES, "all_pairs", sources=sources, rejected_sources=["policy"])
+    assert ("good", "poor") in {(p["chosen"], p["rejected"]) for p in pairs}
+
 def test_topk_bottomk_takes_top_k_chosen_times_bottom_k_rejected():
     pairs = build_pairs(CANDS, SCORES, "topk_bottomk", k=2, sources=SOURCES)
     assert {(p["chosen"], p["rejected"]) for p in pairs} == set(itertools.product(["true prompt", "good"],
