@@ -204,3 +204,12 @@ def test_readme_commands_parse(script, args):
     config = REPO / args[args.index("--config") + 1]
     script_args, _, _ = parse_recipe(config, *args[args.index("--config") + 2:], stage=script.split("/")[0])
     assert script_args.max_text_tokens is None or script_args.max_text_tokens > 0
+
+
+def test_cpu_has_bf16_reads_the_flags_line():
+    from promptrec.models import cpu_has_bf16
+
+    assert cpu_has_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16("flags\t\t: fpu amx_bf16\n")
+    assert not cpu_has_bf16("flags\t\t: fpu sse2 avx2 avx512f\nbugs\t\t: avx512_bf16\n")  # only the flags line
+    assert not cpu_has_bf16("")
