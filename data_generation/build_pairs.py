@@ -179,6 +179,10 @@ def main(args: PairArguments) -> dict | None:
     out = Path(args.output_dir)
     start = time.time()
     examples = load_examples(args)
+    present = {src for sources in examples["sources"] for src in sources}
+    if args.rejected_sources and not present & set(args.rejected_sources):
+        raise DataError(f"{args.candidates}: no candidate has source {args.rejected_sources} (--rejected_sources); "
+                        f"sources there: {sorted(present)}")
     scorer = Scorer(args.scorer, args.exponent, batch_size=args.scorer_batch_size, cache_dir=args.scorer_cache_dir)
     score_examples(args, scorer, examples, out / "scores.parts")
     wait_for_everyone()

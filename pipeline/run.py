@@ -61,7 +61,7 @@ class PipelineArguments:
         "help": "bf16 autocast for SFT and DPO: true, false, or auto (on when training on a CPU with bf16 "
                 "instructions, ~1.6x faster there; otherwise the recipe decides)."})
     extra: list[str] = field(default_factory=list, metadata={
-        "help": "Per-stage overrides 'stage:--key=value', e.g. dpo:--beta=0.2 candidates:--num_samples=6."})
+        "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type sigmoid sft'."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
     seed: int = field(default=42, metadata={"help": "Seed passed to every stage."})
 
@@ -113,7 +113,7 @@ class Runner:
         print(f"=== {stage} finished in {self.timings[stage]:.0f} s", flush=True)
 
     def script(self, stage: str, script: str, *cli) -> None:
-        extra = [e.split(":", 1)[1] for e in self.args.extra if e.startswith(f"{stage}:")]
+        extra = [arg for e in self.args.extra if e.startswith(f"{stage}:") for arg in shlex.split(e.split(":", 1)[1])]
         cmd = [sys.executable, str(REPO / script), *map(str, cli), *extra]
         logger.info("$ %s", shlex.join(cmd))
         if subprocess.run(cmd, cwd=REPO).returncode != 0:

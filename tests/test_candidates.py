@@ -130,6 +130,19 @@ def test_pairs_are_trl_preference_rows_scored_and_split_by_prompt(pipeline, scor
     assert summary["pairs_per_strategy"]["all_pairs"] >= summary["pairs_per_strategy"]["best_vs_worst"] > 0
     assert sum(summary["sources"]["chosen"].values()) == len(both)
     assert (pairs_dir / "margins.png").stat().st_size > 1000
+    assert set(both.source_rejected) == {"policy"}  # the recipe's rejected_sources: on-policy pairs
+
+
+def test_rejected_sources_absent_from_the_candidates_is_a_clear_error(pipeline, tmp_path):
+    cands = pd.read_parquet(pipeline["out"] / "candidates.parquet")
+    no_policy = tmp_path / "candidates.parquet"
+    cands[cands.source != "policy"].to_parquet(no_policy)
+    (args,) = parse_args(build_pairs_py.PairArguments, args=[
+        "--config", str(REPO / "data_generation/configs/pairs_smollm2.yaml"), "--candidates", str(no_policy),
+        "--triplets", str(pipeline["out"] / "triplets.parquet"), "--scorer", "embedded"])
+    with pytest.raises(DataError, match=r"candidates.parquet: no candidate has source \['policy'\]"):
+        build_pairs_py.main(args)
+    assert not (tmp_path / "pairs").exists()  # nothing written
 
 
 def test_chat_control_strings_stay_inside_their_message(pipeline, embedded_tokenizer):
