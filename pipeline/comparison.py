@@ -17,7 +17,7 @@ from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postpr
 from promptrec.predict import resolve_mean_prompt
 from promptrec.tables import write_json
 
-# Data sizes and steps per preset. "small" is the main job on 2 CPU cores (~20 min); "tiny" is CI's smoke size;
+# Data sizes and steps per preset. "small" is the main job on 2 CPU cores (21.5 min measured); "tiny" is CI's smoke;
 # "full" is for a GPU (all triplets, real training lengths).
 SIZES = {
     "tiny": {"max_triplets": 16, "rewrite_new_tokens": 48, "max_heldout": 6, "mean_prompt_steps": 2,

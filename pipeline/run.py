@@ -1,6 +1,6 @@
 """The main job: every stage in order, then a report comparing what each stage bought on held-out prompts.
 
-    python pipeline/run.py --config pipeline/configs/smollm2.yaml                  # embedded default, ~20 min CPU
+    python pipeline/run.py --config pipeline/configs/smollm2.yaml                  # embedded default, ~22 min CPU
     python pipeline/run.py --config pipeline/configs/real_gemma.yaml               # external triplets, no generation
     python pipeline/run.py --config pipeline/configs/smollm2.yaml --size tiny      # CI's smallest size
 
