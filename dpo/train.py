@@ -17,6 +17,7 @@ margins/accuracy, SCS of DPO and SFT), curves.png, eval_predictions.jsonl. Merge
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from promptrec.training import (
     run_config,
     save_run,
     scs_eval,
+    share_across_ranks,
 )
 
 logger = logging.getLogger("dpo")
@@ -114,6 +116,9 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     eval_ds = read_pairs(script_args.eval_pairs, script_args.max_eval_pairs) if script_args.eval_pairs else None
     if eval_ds is None:
         training_args.eval_strategy = "no"
+    shared = output_dir / "datasets"  # several processes: one on-disk copy (TRL's reference cache needs it)
+    train_ds = share_across_ranks(train_ds, shared / "train", training_args)
+    eval_ds = share_across_ranks(eval_ds, shared / "eval", training_args) if eval_ds is not None else None
     logger.info("%d train pairs, %d eval pairs; sample:\n%s", len(train_ds), len(eval_ds or []), train_ds[0])
     scs_df = scs_eval_triplets(script_args)
 
@@ -134,6 +139,9 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
             model.load_adapter(script_args.sft_adapter, adapter_name="ref", is_trainable=False)
         metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, {"dpo": "default", "sft": "ref"},
                                   trainer.accelerator, output_dir / "eval_predictions.jsonl")
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_local_main_process:
+        shutil.rmtree(shared, ignore_errors=True)
     config = run_config("dpo", script_args, training_args, model_args, sft_run=sft_config)
     save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("rewards/margins", "eval_rewards/margins"),
                                                ("rewards/accuracies", "eval_rewards/accuracies")])

@@ -156,6 +156,25 @@ def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
     return Dataset.from_list(rows)
 
 
+def share_across_ranks(dataset, directory: Path, training_args):
+    """``dataset`` saved by each machine's first process and loaded from disk by every process (one process: as is).
+
+    TRL's ``precompute_ref_log_probs`` writes the reference log-probs on the main process to the dataset's cache
+    path and reads them on the others from theirs; an in-memory dataset's cache path is a per-process temp dir
+    with a per-process random fingerprint, so the other ranks fail ("Failed to open local file …/cache-….arrow").
+    Loaded from one directory, every rank has the same cache path and fingerprint.
+    """
+    if training_args.world_size <= 1:
+        return dataset
+    from datasets import load_from_disk
+
+    with training_args.main_process_first(desc=f"sharing {directory}"):
+        if training_args.local_process_index == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+            dataset.save_to_disk(str(directory))
+        return load_from_disk(str(directory))
+
+
 def rows_consumed(training_args) -> int | None:
     """Training rows that ``max_steps`` reaches (steps × per-device batch × accumulation × processes), or None
     when training runs by epochs. Rows past it are never trained on, so nothing need be computed for them."""
