@@ -61,7 +61,7 @@ class PipelineArguments:
         "help": "bf16 autocast for SFT and DPO: true, false, or auto (on when training on a CPU with bf16 "
                 "instructions, ~1.6x faster there; otherwise the recipe decides)."})
     extra: list[str] = field(default_factory=list, metadata={
-        "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type sigmoid sft'."})
+        "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
     seed: int = field(default=42, metadata={"help": "Seed passed to every stage."})
 
