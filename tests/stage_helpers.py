@@ -7,6 +7,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,13 +33,11 @@ def base_weights(model) -> dict:
 
 def assert_same_base(trained, fresh) -> None:
     """Every base parameter of ``trained`` is bit-identical to the freshly loaded ``fresh`` model's."""
-    import torch
 
     got, want = base_weights(trained), base_weights(fresh)
     assert got.keys() == want.keys()
     changed = [name for name in want if not torch.equal(got[name], want[name])]
     assert not changed, f"base weights changed: {changed[:5]}"
-
 
 
 _KILL_AT_STEP = """
@@ -78,3 +79,19 @@ def count_training_steps(monkeypatch, trainer_cls) -> list:
 
     monkeypatch.setattr(trainer_cls, "training_step", counted)
     return calls
+
+
+def assert_resumed_like_straight(resumed, straight, resumed_dir: Path, straight_dir: Path, steps: int) -> None:
+    """A resumed trainer logged the same loss at every step as one never killed, and saved the same adapter."""
+    from safetensors.torch import load_file
+
+    def losses(trainer):
+        return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+
+    assert resumed.state.global_step == steps and list(losses(resumed)) == list(range(1, steps + 1))
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    want = load_file(str(straight_dir / "adapter_model.safetensors"))
+    got = load_file(str(resumed_dir / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])

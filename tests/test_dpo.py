@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_helpers import REPO, assert_same_base, count_training_steps, load_script, run_killed_at_step
+from stage_helpers import (
+    REPO,
+    assert_resumed_like_straight,
+    assert_same_base,
+    count_training_steps,
+    load_script,
+    run_killed_at_step,
+)
 
 from promptrec.cli import parse_args
 from promptrec.splits import split_frame
@@ -108,7 +115,6 @@ def test_dpo_raises_margins_keeps_base_and_scores_beside_sft(sft_run, tmp_path):
 def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypatch):
     """kill -9 after the step-2 checkpoint, then ``--resume_from_checkpoint last``: the resumed run logs the same
     losses and saves the same adapter as one never killed (the reference log-probs are precomputed again)."""
-    from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer, ModelConfig
 
     script = load_script("dpo/train.py")
@@ -128,14 +134,7 @@ def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypat
     resumed = run(tmp_path / "killed", "--resume_from_checkpoint", "last")
     assert steps == [2, 3]  # only the steps after the checkpoint were trained again
 
-    losses = lambda trainer: {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}  # noqa: E731
-    assert resumed.state.global_step == 4 and list(losses(resumed)) == [1, 2, 3, 4]
-    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
-    want = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
-    got = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name])
+    assert_resumed_like_straight(resumed, straight, tmp_path / "killed", tmp_path / "straight", steps=4)
 
 
 LAUNCHERS = {

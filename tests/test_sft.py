@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from stage_helpers import REPO, assert_same_base, count_training_steps, load_script, run_killed_at_step
+from stage_helpers import (
+    REPO,
+    assert_resumed_like_straight,
+    assert_same_base,
+    count_training_steps,
+    load_script,
+    run_killed_at_step,
+)
 
 from promptrec.cli import parse_args, run_main
 
@@ -85,12 +92,6 @@ def test_bad_triplets_give_one_line_error(tmp_path, tiny_triplets, capsys):
     assert err.startswith("error: ") and "bad.csv" in err and "rewritten_text" in err
 
 
-def adapter_tensors(run_dir) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter_model.safetensors"))
-
-
 @pytest.mark.slow
 def test_killed_sft_run_resumes_to_the_same_adapter(tmp_path, tiny_triplets, monkeypatch):
     """kill -9 after the step-2 checkpoint, then ``--resume_from_checkpoint last``: the same losses step by step and
@@ -114,10 +115,4 @@ def test_killed_sft_run_resumes_to_the_same_adapter(tmp_path, tiny_triplets, mon
     resumed = main(*parse(argv(tmp_path / "killed", "--resume_from_checkpoint", "last")))
     assert steps == [2, 3]  # only the steps after the checkpoint were trained again
 
-    losses = lambda trainer: {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}  # noqa: E731
-    assert resumed.state.global_step == 4 and list(losses(resumed)) == [1, 2, 3, 4]
-    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
-    want, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name])
+    assert_resumed_like_straight(resumed, straight, tmp_path / "killed", tmp_path / "straight", steps=4)
