@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from promptrec import pairs as P
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
+from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS
+from promptrec.resumable import dist_info, run_sharded, write_manifest
 from promptrec.splits import eval_mask, normalize_prompt
 from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import preference_example
@@ -54,9 +55,12 @@ class PairArguments:
     allow_true_chosen: bool = field(default=True, metadata={"help": "May the true prompt be the chosen side?"})
     rejected_sources: list[str] = field(default_factory=list, metadata={
         "help": "Only these candidate sources may be rejected, e.g. policy (on-policy pairs); empty: any."})
-    tokenizer: str = field(default="embedded", metadata={
-        "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens)."})
-    max_text_tokens: int = field(default=256, metadata={"help": "Each text is cut to this many tokens in the prompt."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens). Default: "
+                "the policy recorded in candidates.manifest.json (the SFT run), else embedded."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Each text is cut to this many tokens in the prompt. Default: the SFT run's (candidates.manifest."
+                "json), else 256."})
     split_by: str = field(default="prompt", metadata={"help": f"Group kept on one side: {', '.join(SPLIT_BY)}."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of groups in eval."})
     cluster_threshold: float = field(default=0.85, metadata={
@@ -87,23 +91,36 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
 
 
-def score_examples(args: PairArguments, scorer, examples: pd.DataFrame, parts_dir: Path, chunk: int = 256) -> None:
-    """Score this process's pending examples and append them to its part, ``chunk`` examples at a time."""
-    rank, world = dist_info()
-    writer = PartWriter(parts_dir, rank)
+def score_examples(args: PairArguments, scorer, examples: pd.DataFrame, parts_dir: Path,
+                   chunk: int = 256) -> pd.DataFrame | None:
+    """Score every example's candidates, ``chunk`` examples at a time, resumably and sharded over processes; the
+    scored rows (``id, candidates, sources, scores``) on rank 0."""
     identity = parts_dir / "scorer.json"
     if identity.exists() and json.loads(identity.read_text(encoding="utf-8")) != scorer.identity:
         raise DataError(f"{parts_dir} holds scores from another scorer ({identity.read_text().strip()}); "
                         "use a new --output_dir")
-    if rank == 0:
+    if dist_info()[0] == 0:
         write_json(scorer.identity, identity)
-    todo = pending_indices(examples["id"].tolist(), writer, rank, world)
-    logger.info("Scoring %d of %d examples in this process (rank %d/%d)", len(todo), len(examples), rank, world)
-    for start in tqdm(range(0, len(todo), chunk), desc="score", unit="chunk", disable=not todo):
-        rows = examples.iloc[todo[start:start + chunk]]
-        scores = scorer.score_candidates(rows["candidates"].tolist(), rows["rewrite_prompt"].tolist())
-        writer.append({"id": i, "candidates": c, "sources": s, "scores": sc.tolist()}
-                      for i, c, s, sc in zip(rows["id"], rows["candidates"], rows["sources"], scores))
+
+    def work(todo, writer):
+        for start in tqdm(range(0, len(todo), chunk), desc="score", unit="chunk"):
+            rows = examples.iloc[todo[start:start + chunk]]
+            scores = scorer.score_candidates(rows["candidates"].tolist(), rows["rewrite_prompt"].tolist())
+            writer.append({"id": i, "candidates": c, "sources": s, "scores": sc.tolist()}
+                          for i, c, s, sc in zip(rows["id"], rows["candidates"], rows["sources"], scores))
+
+    return run_sharded(examples["id"].tolist(), parts_dir, work, "score")
+
+
+def prompt_format(args: PairArguments) -> tuple[str, int | None]:
+    """(tokenizer, text budget) to render the pairs' prompts in: the flags, else the policy that
+    ``candidates.manifest.json`` records (the SFT run DPO starts from), else the embedded model's and 256."""
+    manifest = Path(args.candidates).with_name("candidates.manifest.json")
+    policy = (json.loads(manifest.read_text(encoding="utf-8")).get("policy") if manifest.is_file() else None) or {}
+    tokenizer = args.tokenizer or policy.get("tokenizer") or "embedded"
+    budget = args.max_text_tokens if args.max_text_tokens is not None else policy.get(
+        "max_text_tokens", DEFAULT_MAX_TEXT_TOKENS)
+    return tokenizer, budget
 
 
 def split_mask(args: PairArguments, examples: pd.DataFrame, scorer) -> np.ndarray:
@@ -175,7 +192,6 @@ def main(args: PairArguments) -> dict | None:
     from promptrec.models import load_tokenizer
     from promptrec.scoring import Scorer
 
-    rank, world = dist_info()
     out = Path(args.output_dir)
     start = time.time()
     examples = load_examples(args)
@@ -184,17 +200,16 @@ def main(args: PairArguments) -> dict | None:
         raise DataError(f"{args.candidates}: no candidate has source {args.rejected_sources} (--rejected_sources); "
                         f"sources there: {sorted(present)}")
     scorer = Scorer(args.scorer, args.exponent, batch_size=args.scorer_batch_size, cache_dir=args.scorer_cache_dir)
-    score_examples(args, scorer, examples, out / "scores.parts")
-    wait_for_everyone()
-    if rank != 0:
+    parts = score_examples(args, scorer, examples, out / "scores.parts")
+    if parts is None:  # not rank 0
         return None
 
-    parts = merge_parts(out / "scores.parts", order=examples["id"].tolist())
     scored = examples.drop(columns=["candidates", "sources"]).merge(parts, on="id", how="inner")
-    if len(scored) < len(examples):
-        raise DataError(f"{out / 'scores.parts'}: {len(examples) - len(scored)} examples unscored; run again")
     scored_at = time.time()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer_name, args.max_text_tokens = prompt_format(args)
+    tokenizer = load_tokenizer(tokenizer_name)
+    logger.info("Pair prompts rendered with %s's tokenizer, texts cut to %s tokens", tokenizer_name,
+                args.max_text_tokens)
     is_eval = split_mask(args, scored, scorer)
     rows = [[r for ex in scored[mask].to_dict(orient="records") for r in pair_rows(args, ex, tokenizer)]
             for mask in (~is_eval, is_eval)]
@@ -205,9 +220,9 @@ def main(args: PairArguments) -> dict | None:
                 .rename(columns={"candidates": "candidate", "sources": "source", "scores": "score"}),
                 out / "scores.parquet")
     summary = summarize(args, scored, train, evals, scorer)
-    summary.update(seconds_total=round(time.time() - start, 1), seconds_pairs=round(time.time() - scored_at, 1),
-                   processes=world, config=asdict(args))
-    write_json(summary, out / "summary.json")
+    summary.update(seconds_pairs=round(time.time() - scored_at, 1), tokenizer=tokenizer_name,
+                   max_text_tokens=args.max_text_tokens, config=asdict(args))
+    summary = write_manifest(out / "summary.json", start, **summary)
     plot_margins(train, evals, out / "margins.png", f"{args.strategy}, min_margin {args.min_margin}, "
                  f"scorer {scorer.identity['model']}")
     if len(train):

@@ -26,16 +26,11 @@ import pandas as pd
 from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
+from promptrec.policy import Policy, load_policy, resolve_policy
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction
-from promptrec.predict import (
-    DEFAULT_MAX_TEXT_TOKENS,
-    find_config_value,
-    resolve_base_model,
-    resolve_mean_prompt,
-    run_config_of,
-)
-from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
-from promptrec.tables import DataError, write_json, write_table
+from promptrec.predict import resolve_mean_prompt
+from promptrec.resumable import gather_parts, run_share, write_manifest
+from promptrec.tables import write_table
 from promptrec.templates import recovery_messages
 from promptrec.triplets import read_triplets
 
@@ -59,7 +54,8 @@ class CandidateArguments:
         "help": "Policy model: hub id, local dir or 'embedded' (default: the adapter's base model, else embedded)."})
     policy_adapter: str | None = field(default=None, metadata={
         "help": "PEFT adapter on the policy, e.g. checkpoints/sft/<run> (its run_config.json names the base)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the policy in 4-bit (bitsandbytes)."})
+    load_in_4bit: bool | None = field(default=None, metadata={
+        "help": "Load the policy in 4-bit (bitsandbytes). Default: as the adapter's run trained, or 4-bit on CUDA."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32…"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, no adapter)."})
     num_samples: int = field(default=4, metadata={"help": "Policy samples per triplet."})
@@ -130,32 +126,26 @@ def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) 
     return [{"bank_hard": [bank[j] for j in hard], "bank_random": [bank[j] for j in rand]} for hard, rand in picks]
 
 
-def make_sampler(args: CandidateArguments):
-    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs), max_text_tokens) for the policy.
+def policy_of(args: CandidateArguments) -> Policy:
+    """The policy to sample: with an adapter, its base, tokenizer and text budget are what the SFT run recorded, so
+    the policy sees the prompt format it was trained on (flags given here win)."""
+    return resolve_policy(args.policy, args.policy_adapter, args.max_text_tokens, args.load_in_4bit)
 
-    With an adapter, the base model, tokenizer and text budget default to what the SFT run recorded, so the
-    policy sees the prompt format it was trained on.
-    """
+
+def make_sampler(args: CandidateArguments, policy: Policy):
+    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs)) for the policy."""
     from promptrec.generation import SamplingParams, iter_generate
-    from promptrec.models import load_model, load_tokenizer
+    from promptrec.models import load_tokenizer
 
-    run_config = run_config_of(args.policy_adapter)
-    base = resolve_base_model(args.policy, args.policy_adapter, run_config)
-    max_text_tokens = (args.max_text_tokens or find_config_value(run_config, "max_text_tokens")
-                       or DEFAULT_MAX_TEXT_TOKENS)
     n = args.num_samples if args.temperature > 0 else 1
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
-    has_tokenizer = args.policy_adapter and (Path(args.policy_adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(args.policy_adapter if has_tokenizer else base)
     if args.backend == "vllm":
         from promptrec.vllm_backend import vllm_batches
 
-        return tokenizer, vllm_batches(base, tokenizer, params), max_text_tokens
-    model = load_model(base, adapter=args.policy_adapter, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
-                       device_map="cpu" if args.use_cpu else None)
-    model.eval()
-    return (tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc),
-            max_text_tokens)
+        tokenizer = load_tokenizer(policy.tokenizer_source)
+        return tokenizer, vllm_batches(policy.model, tokenizer, params)
+    model, tokenizer = load_policy(policy, args.dtype, device_map="cpu" if args.use_cpu else None)
+    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc)
 
 
 def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: list[str],
@@ -172,58 +162,51 @@ def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: 
 
 def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path) -> None:
     """Make this process's pending share and append each finished batch to its part (resumable)."""
-    rank, world = dist_info()
-    writer = PartWriter(parts_dir, rank)
-    ids = triplets["id"].tolist()
-    todo = pending_indices(ids, writer, rank, world)
-    logger.info("%d of %d triplets to do in this process (rank %d/%d)", len(todo), len(ids), rank, world)
-    if not todo:
-        return
-    rows = triplets.iloc[todo].to_dict(orient="records")
-    use_true = TRUE_SOURCE in args.sources
-    mean = resolve_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
-    negatives = bank_negatives(args, [r["rewrite_prompt"] for r in rows], [r["id"] for r in rows])
-    if "policy" not in args.sources:
-        writer.append(example_record(r, use_true, mean, [], neg) for r, neg in zip(rows, negatives))
-        return
-    tokenizer, batches, max_text_tokens = make_sampler(args)
-    convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, max_text_tokens) for r in rows]
-    if rank == 0:
+    def work(todo, writer):
+        rows = triplets.iloc[todo].to_dict(orient="records")
+        use_true = TRUE_SOURCE in args.sources
+        mean = resolve_mean_prompt(args.mean_prompt) if "mean" in args.sources else None
+        negatives = bank_negatives(args, [r["rewrite_prompt"] for r in rows], [r["id"] for r in rows])
+        if "policy" not in args.sources:
+            writer.append(example_record(r, use_true, mean, [], neg) for r, neg in zip(rows, negatives))
+            return
+        policy = policy_of(args)
+        tokenizer, batches = make_sampler(args, policy)
+        convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, policy.max_text_tokens)
+                 for r in rows]
         logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,
                                                                              add_generation_prompt=True))
-    for batch, outputs in batches(convs, "sample candidates"):
-        writer.append(example_record(rows[j], use_true, mean, outs, negatives[j]) for j, outs in zip(batch, outputs))
+        for batch, outputs in batches(convs, "sample candidates"):
+            writer.append(example_record(rows[j], use_true, mean, outs, negatives[j])
+                          for j, outs in zip(batch, outputs))
+
+    run_share(triplets["id"].tolist(), parts_dir, work, "candidates")
 
 
 def main(args: CandidateArguments) -> pd.DataFrame | None:
-    rank, world = dist_info()
     out = Path(args.output_dir)
     start = time.time()
     triplets, counts = read_triplets(args.triplets, args.producers, args.rename_map, args.limit, args.seed)
     logger.info("Triplets from %s: %s", args.triplets, counts)
     generate_candidates(args, triplets, out / "candidates.parts")
-    wait_for_everyone()
-    if rank != 0:
+    merged = gather_parts(triplets["id"].tolist(), out / "candidates.parts")
+    if merged is None:  # not rank 0
         return None
 
-    merged = merge_parts(out / "candidates.parts", order=triplets["id"].tolist())
-    merged = merged[merged["id"].isin(set(triplets["id"]))]
-    if len(merged) < len(triplets):
-        raise DataError(f"{out / 'candidates.parts'}: {len(triplets) - len(merged)} triplets have no candidates "
-                        "(a process failed?); run the same command again to finish them")
     long = merged[["id", "candidates", "sources"]].explode(["candidates", "sources"]).dropna()
     long = long.rename(columns={"candidates": "candidate", "sources": "source"}).reset_index(drop=True)
     write_table(long, out / "candidates.parquet")
     write_table(triplets, out / "triplets.parquet")
-    elapsed = time.time() - start
-    manifest = {"triplets": counts, "examples": len(merged), "candidates": len(long),
-                "per_source": long["source"].value_counts().to_dict(),
-                "unusable_policy_samples": int(merged["unusable_samples"].sum()),
-                "candidates_per_example": float(np.round(len(long) / max(len(merged), 1), 2)),
-                "processes": world, "seconds": round(elapsed, 1), "config": asdict(args)}
-    write_json(manifest, out / "candidates.manifest.json")
+    # the policy whose prompt format the pairs must be rendered in (build_pairs reads it back)
+    policy = policy_of(args) if args.policy_adapter or "policy" in args.sources else None
+    manifest = write_manifest(
+        out / "candidates.manifest.json", start, triplets=counts, examples=len(merged), candidates=len(long),
+        per_source=long["source"].value_counts().to_dict(),
+        unusable_policy_samples=int(merged["unusable_samples"].sum()),
+        candidates_per_example=float(np.round(len(long) / max(len(merged), 1), 2)),
+        policy={**policy.summary(), "tokenizer": policy.tokenizer_source} if policy else None, config=asdict(args))
     logger.info("Wrote %d candidates for %d triplets (%s) in %.0f s → %s", len(long), len(merged),
-                manifest["per_source"], elapsed, out / "candidates.parquet")
+                manifest["per_source"], manifest["seconds"], out / "candidates.parquet")
     return long
 
 

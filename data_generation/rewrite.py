@@ -25,8 +25,8 @@ from promptrec import corpus
 from promptrec.cleaning import RULES, clean_rewrite
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.generation import SamplingParams, iter_generate
-from promptrec.resumable import PartWriter, dist_info, merge_parts, pending_indices, wait_for_everyone
-from promptrec.tables import write_json, write_table
+from promptrec.resumable import dist_info, merge_parts, run_sharded, write_manifest
+from promptrec.tables import write_table
 from promptrec.templates import rewrite_messages
 
 logger = logging.getLogger("rewrite")
@@ -91,14 +91,13 @@ def load_prompts(args: RewriteArguments) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates("rewrite_prompt").reset_index(drop=True)
 
 
-def run_generation(ids, conversations, parts_dir, make_row, generate_batches, desc) -> None:
-    """Generate this process's pending share and append each finished batch to its part (resumable)."""
-    rank, world = dist_info()
-    writer = PartWriter(parts_dir, rank)
-    todo = pending_indices(ids, writer, rank, world)
-    logger.info("%s: %d of %d rows to do in this process (rank %d/%d)", desc, len(todo), len(ids), rank, world)
-    for batch, outputs in generate_batches([conversations[i] for i in todo], desc):
-        writer.append(make_row(todo[j], out[0]) for j, out in zip(batch, outputs))
+def generate_rows(ids, conversations, parts_dir, make_row, generate_batches, desc) -> pd.DataFrame | None:
+    """Generate every pending row (this process's share), resumably; the merged rows on rank 0."""
+    def work(todo, writer):
+        for batch, outputs in generate_batches([conversations[i] for i in todo], desc):
+            writer.append(make_row(todo[j], out[0]) for j, out in zip(batch, outputs))
+
+    return run_sharded(ids, parts_dir, work, desc)
 
 
 def llm_texts(args, generate_batches, tokenizer, out_dir: Path) -> pd.DataFrame:
@@ -109,11 +108,11 @@ def llm_texts(args, generate_batches, tokenizer, out_dir: Path) -> pd.DataFrame:
     ids = [f"gen-{i:05d}" for i in range(len(combos))]
     convs = [[{"role": "user", "content": f"Write a short {c['genre'].replace('_', ' ')} about {c['topic']}. "
                "Reply with the text only."}] for c in combos]
-    run_generation(ids, convs, out_dir / "texts.parts", lambda i, text: {
+    written = generate_rows(ids, convs, out_dir / "texts.parts", lambda i, text: {
         "id": ids[i], "text_id": ids[i], "genre": combos[i]["genre"], "topic": combos[i]["topic"],
         "original_text": text}, generate_batches, "write texts")
-    wait_for_everyone()
-    return merge_parts(out_dir / "texts.parts", order=ids)
+    # every process goes on to the rewrites with the written texts
+    return written if written is not None else merge_parts(out_dir / "texts.parts", order=ids)
 
 
 def make_generator(args: RewriteArguments):
@@ -133,7 +132,7 @@ def make_generator(args: RewriteArguments):
 
 
 def main(args: RewriteArguments) -> pd.DataFrame | None:
-    rank, world = dist_info()
+    rank = dist_info()[0]
     output = Path(args.output)
     start = time.time()
     tokenizer, generate_batches = make_generator(args)
@@ -156,14 +155,11 @@ def main(args: RewriteArguments) -> pd.DataFrame | None:
                              if k in ("max_new_tokens", "temperature", "top_p", "seed", "backend")})
     records = jobs.to_dict(orient="records")
     convs = [rewrite_messages(r["rewrite_prompt"], r["original_text"], tokenizer) for r in records]
-    run_generation(list(jobs.id), convs, Path(f"{output}.parts"), lambda i, text: {
+    raw = generate_rows(list(jobs.id), convs, Path(f"{output}.parts"), lambda i, text: {
         **records[i], "rewritten_text": text, "generator": args.generator, "generation_params": gen_params},
         generate_batches, "rewrite")
-    wait_for_everyone()
-    if rank != 0:
+    if raw is None:  # not rank 0
         return None
-
-    raw = merge_parts(f"{output}.parts", order=list(jobs.id))
     kept, dropped = [], Counter()
     for row in raw.to_dict(orient="records"):
         text, rule = clean_rewrite(row["rewritten_text"], row["original_text"], args.clean)
@@ -173,13 +169,11 @@ def main(args: RewriteArguments) -> pd.DataFrame | None:
             kept.append({**row, "rewritten_text": text})
     result = pd.DataFrame(kept, columns=list(raw.columns))
     write_table(result, output)
-    elapsed = time.time() - start
-    manifest = {"output": str(output), "rows": len(result), "pairs": len(jobs), "texts": text_counts,
-                "prompts": len(prompts), "cleaning_dropped": dict(dropped), "generator": args.generator,
-                "processes": world, "seconds": round(elapsed, 1), "config": asdict(args)}
-    write_json(manifest, f"{output}.manifest.json")
+    manifest = write_manifest(f"{output}.manifest.json", start, output=str(output), rows=len(result),
+                              pairs=len(jobs), texts=text_counts, prompts=len(prompts),
+                              cleaning_dropped=dict(dropped), generator=args.generator, config=asdict(args))
     logger.info("Summary: %d pairs → %d rows kept (dropped %s) in %.0f s → %s", len(jobs), len(result),
-                dict(dropped) or "none", elapsed, output)
+                dict(dropped) or "none", manifest["seconds"], output)
     return result
 
 

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.models import load_model, load_tokenizer
+from promptrec.policy import RUN_CONFIG, load_policy, read_run_config, resolve_policy
 from promptrec.tables import write_json
-from promptrec.training import RUN_CONFIG, read_run_config
 
 logger = logging.getLogger("merge")
 
@@ -41,12 +40,13 @@ class MergeArguments:
 def main(args: MergeArguments) -> Path:
     setup_logging()
     config = read_run_config(args.adapter)
-    base = args.model_name_or_path or config["model_name_or_path"]
+    policy = resolve_policy(args.model_name_or_path, args.adapter, load_in_4bit=False)
+    base = policy.model
     logger.info("Merging %s into %s (%s)", args.adapter, base, args.dtype)
-    model = load_model(base, adapter=args.adapter, dtype=args.dtype).merge_and_unload()
+    model, tokenizer = load_policy(policy, args.dtype)
     out = Path(args.output_dir)
-    model.save_pretrained(out)
-    load_tokenizer(args.adapter).save_pretrained(out)
+    model.merge_and_unload().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     write_json({**config, "merged": True, "merged_from": args.adapter, "model_name_or_path": str(out),
                 "base_model": base, "load_in_4bit": False}, out / RUN_CONFIG)
     logger.info("Saved the merged model to %s", out)

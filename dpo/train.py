@@ -28,9 +28,9 @@ from promptrec.models import load_tokenizer
 from promptrec.training import (
     EvalArguments,
     eval_triplets_of_split,
+    inherit_from_sft,
     load_base,
     read_pairs,
-    read_run_config,
     read_split_triplets,
     resolve_resume,
     rows_consumed,
@@ -67,19 +67,6 @@ class DPOScriptArguments(EvalArguments):
         super().__post_init__()
         if self.eval_pairs is not None and self.eval_pairs.strip().lower() in ("", "none"):
             self.eval_pairs = None
-
-
-def inherit_from_sft(script_args: DPOScriptArguments, model_args: ModelConfig) -> dict:
-    """Fill the base model and ``max_text_tokens`` from the SFT run's config; returns that config."""
-    sft_config = read_run_config(script_args.sft_adapter)
-    if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = sft_config["model_name_or_path"]
-    elif model_args.model_name_or_path != sft_config["model_name_or_path"]:
-        logger.warning("Base %s differs from the SFT run's %s: fine for a local copy of the same model, wrong "
-                       "otherwise", model_args.model_name_or_path, sft_config["model_name_or_path"])
-    if script_args.max_text_tokens is None:
-        script_args.max_text_tokens = sft_config.get("max_text_tokens")
-    return sft_config
 
 
 def scs_eval_triplets(script_args: DPOScriptArguments):

@@ -165,8 +165,10 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, compute_dtype=None,
-                        quant_storage=None):
-    """A ``BitsAndBytesConfig`` for QLoRA (NF4, double quantisation) or 8-bit, or None."""
+                        quant_type: str = "nf4", double_quant: bool = True, quant_storage=None):
+    """The one builder of every ``BitsAndBytesConfig`` (training, candidates, inference): 4-bit (QLoRA: NF4, double
+    quantisation by default), 8-bit, or None. Training passes its ``ModelConfig`` values; inference passes what the
+    run recorded (:mod:`promptrec.policy`), so a reloaded adapter sees the base quantised exactly as in training."""
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of load_in_4bit and load_in_8bit")
     if not (load_in_4bit or load_in_8bit):
@@ -175,12 +177,11 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = parse_dtype(compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
         bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8,
     )
 
@@ -231,24 +232,23 @@ def keep_cpu_4bit_exact(model) -> int:
 
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
-               quant_storage=None, bnb_config=None):
-    """Load a causal LM, optionally quantised with bitsandbytes and with a PEFT adapter on top.
+               quant_type: str = "nf4", double_quant: bool = True, quant_storage=None):
+    """Load a causal LM, optionally quantised (:func:`quantization_config`) and with a PEFT adapter on top.
 
     ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``); it is loaded
-    trainable when ``is_trainable``. ``bnb_config`` (a ready ``BitsAndBytesConfig``, e.g. from
-    ``trl.get_quantization_config(model_args)``) replaces the 4/8-bit flags. ``device_map`` defaults to
+    trainable when ``is_trainable``. The 4-bit compute dtype is ``dtype``. ``device_map`` defaults to
     :func:`default_device_map`.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
-    quant = bnb_config or quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_storage)
+    quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_type, double_quant, quant_storage)
     if device_map is None:
         device_map = default_device_map()
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, quantization_config=quant,
                                                  device_map=device_map)
-    if quant is not None and getattr(quant, "load_in_4bit", False):
+    if load_in_4bit:
         keep_cpu_4bit_exact(model)
     if adapter:
         from peft import PeftModel

@@ -21,15 +21,13 @@ import pandas as pd
 import torch
 
 from promptrec.generation import SamplingParams, generate
-from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
+from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, resolve_policy
 from promptrec.postprocess import PostprocessConfig, postprocess_all
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
-from promptrec.training import RUN_CONFIG, read_run_config
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TEXT_TOKENS = 256
 TEXT_COLUMNS = ("original_text", "rewritten_text")
 
 
@@ -47,8 +45,8 @@ class PredictArguments:
     adapter: str | None = field(default=None, metadata={
         "help": "PEFT adapter dir, e.g. checkpoints/sft/<run> (its tokenizer and run_config.json are used)."})
     load_in_4bit: bool | None = field(default=None, metadata={
-        "help": "true/false: load the base model in 4-bit NF4. Default: 4-bit when CUDA is available, else full "
-                "precision."})
+        "help": "true/false: load the base model in 4-bit NF4 (with the run's recorded 4-bit settings). Default: "
+                "4-bit when the run trained in 4-bit or CUDA is available, else full precision."})
     dtype: str = field(default="auto", metadata={
         "help": "Compute dtype: auto (bf16/fp16 on GPU, fp32 on CPU), bfloat16, float16 or float32."})
     batch_size: int = field(default=8, metadata={"help": "Rows per generate() call (length-sorted batches)."})
@@ -126,72 +124,9 @@ def resolve_mean_prompt(value: str) -> str:
 # ---------------------------------------------------------------- policy
 
 
-def run_config_of(directory: str | None) -> dict:
-    """``run_config.json`` of a checkpoint dir (as promptrec.training saves it), or ``{}`` when there is none."""
-    if not directory or not (Path(directory) / RUN_CONFIG).is_file():
-        return {}
-    return read_run_config(directory)
-
-
-def find_config_value(config, key: str):
-    """The first value stored under ``key`` anywhere in a nested dict/list (run configs group their dataclasses)."""
-    if isinstance(config, dict):
-        if config.get(key) not in (None, ""):
-            return config[key]
-        values = config.values()
-    elif isinstance(config, list):
-        values = config
-    else:
-        return None
-    for value in values:
-        found = find_config_value(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def resolve_base_model(model: str | None, adapter: str | None, run_config: dict) -> str:
-    """``--model`` if given; else the base the adapter records (run_config.json, then adapter_config.json)."""
-    if model:
-        return model
-    if not adapter:
-        return "embedded"
-    name = find_config_value(run_config, "model_name_or_path")
-    if name:
-        return str(name)
-    adapter_config = Path(adapter) / "adapter_config.json"
-    if adapter_config.is_file():
-        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if name:
-            return str(name)
-    raise ModelNotFoundError(f"{adapter}: no run_config.json with model_name_or_path (nor adapter_config.json "
-                             f"base_model_name_or_path); pass --model")
-
-
-def resolve_policy(args: PredictArguments) -> dict:
-    """What to load: ``{"model", "adapter", "max_text_tokens", "load_in_4bit"}`` from the flags, the checkpoint's
-    run_config.json and the hardware (4-bit when CUDA is available, unless ``load_in_4bit`` says otherwise)."""
-    run_config = run_config_of(args.adapter) or run_config_of(args.model)
-    # A run trained without a text budget records max_text_tokens: null; render its prompts uncut as well.
-    max_text_tokens = args.max_text_tokens or run_config.get(
-        "max_text_tokens", find_config_value(run_config, "max_text_tokens") or DEFAULT_MAX_TEXT_TOKENS)
-    return {"model": resolve_base_model(args.model, args.adapter, run_config), "adapter": args.adapter,
-            "max_text_tokens": max_text_tokens,
-            "load_in_4bit": torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit}
-
-
-def load_policy(args: PredictArguments):
-    """``(model, tokenizer, resolved)``, ``resolved`` as :func:`resolve_policy` gives it; the tokenizer is the
-    adapter's when it saved one (training may set the pad token or chat template), else the base model's."""
-    resolved = resolve_policy(args)
-    base, load_in_4bit = resolved["model"], resolved["load_in_4bit"]
-    has_tokenizer = args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
-    logger.info("Loading %s%s (%s)", base, f" + adapter {args.adapter}" if args.adapter else "",
-                "4-bit" if load_in_4bit else args.dtype)
-    model = load_model(base, adapter=args.adapter, load_in_4bit=load_in_4bit, dtype=args.dtype)
-    model.eval()
-    return model, tokenizer, resolved
+def policy_of(args: PredictArguments) -> Policy:
+    """The policy the flags name (the adapter's run_config.json fills what they leave out)."""
+    return resolve_policy(args.model, args.adapter, args.max_text_tokens, args.load_in_4bit)
 
 
 # ---------------------------------------------------------------- prediction
@@ -245,7 +180,9 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     if n_bad:
         logger.warning("%s: %d row(s) with a NaN/empty text get the mean prompt", args.input, n_bad)
     if model is None:
-        model, tokenizer, resolved = load_policy(args)
+        policy = policy_of(args)
+        model, tokenizer = load_policy(policy, args.dtype)
+        resolved = policy.summary()
     else:
         resolved = {"model": args.model, "adapter": args.adapter,
                     "max_text_tokens": args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, "load_in_4bit": None}

@@ -1,4 +1,7 @@
-"""Resumable, shardable row output for long generation jobs (rewrites, candidates).
+"""Resumable, shardable row output, and the one job skeleton of the data_generation scripts.
+
+:func:`run_sharded` is that skeleton: this process's share → resumable parts → barrier → merge (rank 0) →
+:func:`write_manifest`. The scripts (rewrite, candidates, pairs' scoring) only say what one share's work is.
 
 Each process appends finished rows to its own ``parts/part-<rank>.jsonl``: one JSON line per row, flushed and
 fsynced after each batch. A run killed at any moment (``kill -9``) leaves at most one partial last line, which
@@ -10,11 +13,17 @@ with another number of processes — skips them. Work is shared by rank: process
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from promptrec.tables import DataError, write_json
+
+logger = logging.getLogger(__name__)
 
 
 def shard_items(items: Sequence, rank: int, world_size: int) -> list:
@@ -101,3 +110,44 @@ def wait_for_everyone() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def run_share(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
+              desc: str) -> None:
+    """Run ``work(indices, writer)`` on this process's share of ``ids`` that no part holds yet; ``work`` appends
+    each finished row (with its ``id``) to ``writer``, so a killed run resumes where it stopped."""
+    rank, world = dist_info()
+    writer = PartWriter(parts_dir, rank)
+    todo = pending_indices(ids, writer, rank, world)
+    logger.info("%s: %d of %d rows to do in this process (rank %d/%d)", desc, len(todo), len(ids), rank, world)
+    if todo:
+        work(todo, writer)
+
+
+def gather_parts(ids: Sequence, parts_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """After every process's share: the rows of ``ids`` from all parts, in ``ids`` order, on rank 0 (None on the
+    others). Raises :class:`DataError` when a row is missing (a process failed: the same command finishes it)."""
+    wait_for_everyone()
+    if dist_info()[0] != 0:
+        return None
+    merged = merge_parts(parts_dir, order=ids)
+    wanted = set(ids)
+    merged = merged[merged["id"].isin(wanted)].reset_index(drop=True) if len(merged) else merged
+    if len(merged) < len(wanted):
+        raise DataError(f"{parts_dir}: {len(wanted) - len(merged)} of {len(wanted)} rows are missing (a process "
+                        "failed?); run the same command again to finish them")
+    return merged
+
+
+def run_sharded(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
+                desc: str) -> pd.DataFrame | None:
+    """The job skeleton: :func:`run_share` then :func:`gather_parts`."""
+    run_share(ids, parts_dir, work, desc)
+    return gather_parts(ids, parts_dir)
+
+
+def write_manifest(path: str | os.PathLike, start: float, **fields) -> dict:
+    """``fields`` plus the process count and the seconds since ``start``, as JSON at ``path``."""
+    manifest = {**fields, "processes": dist_info()[1], "seconds": round(time.time() - start, 1)}
+    write_json(manifest, path)
+    return manifest

@@ -1,8 +1,8 @@
 """What the SFT and DPO stages share: the model with its LoRA setup, dataset rendering, the SCS eval, run saving.
 
-* **Model**: :func:`load_base` builds the base (4/8-bit per TRL's ``ModelConfig``, via
-  ``trl.get_quantization_config``) through :func:`promptrec.models.load_model`, so ``embedded`` and hub ids work
-  as everywhere else; :func:`lora_config` is ``trl.get_peft_config`` with the LoRA targets resolved per
+* **Model**: :func:`load_base` builds the base (4/8-bit per TRL's ``ModelConfig``, via the one
+  :func:`promptrec.models.quantization_config`) through :func:`promptrec.models.load_model`, so ``embedded`` and
+  hub ids work as everywhere else; :func:`lora_config` is ``trl.get_peft_config`` with the LoRA targets resolved per
   architecture (:data:`LORA_TARGETS`) and checked against the model's modules.
 * **Data**: :func:`sft_dataset` renders triplets as TRL conversational prompt/completion rows through the shared
   recovery format; :func:`read_pairs` checks TRL conversational preference rows.
@@ -27,6 +27,7 @@ import torch
 
 from promptrec.cli import asdict_all
 from promptrec.models import load_model, parse_dtype
+from promptrec.policy import RUN_CONFIG, read_run_config
 from promptrec.scoring import ScorerArguments
 from promptrec.tables import DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_example, recovery_messages
@@ -44,7 +45,6 @@ LORA_TARGETS = {
     "gemma": _LLAMA_STYLE,
     "qwen2": _LLAMA_STYLE,
 }
-RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
 
 
@@ -104,12 +104,26 @@ def dtype_name(model_args) -> str:
 
 def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):
     """The base model of ``model_args`` (quantised per its ``load_in_4bit``/``load_in_8bit``, NF4 settings and
-    ``bnb_4bit_quant_storage``; compute dtype = ``dtype``), with ``adapter`` on top when given."""
-    from trl import get_quantization_config
+    ``bnb_4bit_quant_storage``; compute dtype = ``dtype``), with ``adapter`` on top when given. The same
+    :func:`promptrec.models.quantization_config` builds inference's config from what ``run_config.json`` records."""
+    return load_model(model_args.model_name_or_path, adapter=adapter, dtype=dtype_name(model_args),
+                      load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
+                      quant_type=model_args.bnb_4bit_quant_type, double_quant=model_args.use_bnb_nested_quant,
+                      quant_storage=model_args.bnb_4bit_quant_storage, is_trainable=is_trainable)
 
-    resolved = dataclasses.replace(model_args, dtype=dtype_name(model_args))
-    return load_model(model_args.model_name_or_path, adapter=adapter, dtype=resolved.dtype,
-                      bnb_config=get_quantization_config(resolved), is_trainable=is_trainable)
+
+def inherit_from_sft(script_args, model_args) -> dict:
+    """Fill the base model and ``max_text_tokens`` from the SFT run's config; returns that config. ``script_args``
+    has ``sft_adapter`` (the SFT run folder) and ``max_text_tokens``; ``model_args`` is TRL's ``ModelConfig``."""
+    sft_config = read_run_config(script_args.sft_adapter)
+    if model_args.model_name_or_path is None:
+        model_args.model_name_or_path = sft_config["model_name_or_path"]
+    elif model_args.model_name_or_path != sft_config["model_name_or_path"]:
+        logger.warning("Base %s differs from the SFT run's %s: fine for a local copy of the same model, wrong "
+                       "otherwise", model_args.model_name_or_path, sft_config["model_name_or_path"])
+    if script_args.max_text_tokens is None:
+        script_args.max_text_tokens = sft_config.get("max_text_tokens")
+    return sft_config
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -321,11 +335,3 @@ def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]
         plot_curves(trainer.state.log_history, out / "curves.png", panels)
     trainer.accelerator.wait_for_everyone()
     return out
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """``run_config.json`` of a saved run (e.g. the SFT adapter DPO starts from)."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder of sft/train.py?")
-    return json.loads(path.read_text(encoding="utf-8"))

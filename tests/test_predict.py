@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from promptrec.models import ModelNotFoundError, load_model
+from promptrec.policy import load_policy, resolve_base_model, resolve_policy
 from promptrec.postprocess import PostprocessConfig
-from promptrec.predict import (
-    PredictArguments,
-    load_policy,
-    predict_file,
-    read_test_table,
-    resolve_base_model,
-    resolve_mean_prompt,
-    resolve_policy,
-)
+from promptrec.predict import PredictArguments, policy_of, predict_file, read_test_table, resolve_mean_prompt
 from promptrec.tables import DataError, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +123,7 @@ def test_base_model_resolution(tmp_path):
 ])
 def test_policy_settings_come_from_run_config(tmp_path, run_config, flag, expected):
     write_json(run_config, tmp_path / "run_config.json")
-    resolved = resolve_policy(PredictArguments(adapter=str(tmp_path), max_text_tokens=flag, load_in_4bit=False))
+    resolved = policy_of(PredictArguments(adapter=str(tmp_path), max_text_tokens=flag, load_in_4bit=False)).summary()
     assert resolved == {"model": "embedded", "adapter": str(tmp_path), "max_text_tokens": expected,
                         "load_in_4bit": False}
 
@@ -191,9 +184,10 @@ def test_greedy_by_default_sampling_optional():
 def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedded_model, embedded_tokenizer):
     from peft import PeftModel
 
-    model, _, resolved = load_policy(PredictArguments(adapter=str(adapter_dir)))
+    policy = resolve_policy(adapter=str(adapter_dir))
+    model, _ = load_policy(policy)
     assert isinstance(model, PeftModel)
-    assert resolved == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16,
+    assert policy.summary() == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16,
                         "load_in_4bit": False}
     ids = embedded_tokenizer("Rewrite this as a poem.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
