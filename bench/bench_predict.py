@@ -1,14 +1,18 @@
-"""Benchmark prediction throughput: batched (length-sorted, left-padded) vs one row at a time.
+"""Benchmark prediction throughput: batched (length-sorted, left-padded) vs one row at a time, and greedy vs MBR.
 
     python bench/bench_predict.py                         # CPU, embedded SmolLM2, 200 rows of ../shared/data
     python bench/bench_predict.py --rows 32 --max_new_tokens 24   # quick, on a busy CPU
     python bench/bench_predict.py --gpu                   # random-init Mistral-7B shape in 4-bit; skips without CUDA
+    python bench/bench_predict.py --rows 8 --single_rows 0 --max_new_tokens 16 --mbr_candidates 4   # greedy vs MBR
 
 Both modes time ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
 the same real rows, first with ``--batch_size`` then with batch size 1, and print rows/s, the ratio and the time
-~1,400 test rows would take against Kaggle's 9-hour limit. ``--gpu`` builds Mistral-7B-Instruct's shape with
-random weights (saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded
-tokenizer: random weights rarely emit EOS, so every row generates ``max_new_tokens`` — an upper bound on time.
+~1,400 test rows would take against Kaggle's 9-hour limit. With ``--mbr_candidates N`` (default 4; 0 skips) the same
+rows are also predicted with ``--selection mbr`` (the greedy answer + N samples per row, embedded and ranked by the
+scorer) and the MBR / greedy time ratio is printed; ``--single_rows 0`` skips the one-at-a-time run.
+``--gpu`` builds Mistral-7B-Instruct's shape with random weights (saved once to ``--gpu_model_dir`` in bf16, then
+loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer: random weights rarely emit EOS, so every row generates
+``max_new_tokens`` — an upper bound on time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from promptrec.generation import SamplingParams
 from promptrec.models import load_model, load_tokenizer
 from promptrec.postprocess import PostprocessConfig
 from promptrec.predict import predict_frame, usable_text_mask
+from promptrec.scoring import Scorer
 from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +43,7 @@ class BenchArguments:
         "help": "Real triplets (original_text, rewritten_text used as test rows); ../shared/data/triplets.csv."})
     rows: int = field(default=200, metadata={"help": "Rows to predict in each mode."})
     single_rows: int | None = field(default=None, metadata={
-        "help": "Rows for the one-at-a-time run (default: --rows); fewer keeps a slow CPU run short."})
+        "help": "Rows for the one-at-a-time run (default: --rows; 0 skips it); fewer keeps a slow CPU run short."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the batched run."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per row (greedy)."})
     max_text_tokens: int = field(default=256, metadata={"help": "Token budget per text in the recovery prompt."})
@@ -46,6 +51,11 @@ class BenchArguments:
         "help": "Benchmark a random-init Mistral-7B-shaped model in 4-bit on CUDA instead (skips without CUDA)."})
     gpu_model_dir: str = field(default="/tmp/promptrec-mistral7b-random", metadata={
         "help": "Where the random Mistral-7B-shaped model is saved once (~15 GB in bf16)."})
+    mbr_candidates: int = field(default=4, metadata={
+        "help": "Also time --selection mbr with this many samples per row (0: skip)."})
+    mbr_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the MBR candidates."})
+    scorer: str = field(default="auto", metadata={
+        "help": "MBR scorer: 'auto' (sentence-t5-base when loadable, else the embedded MiniLM), 'embedded', a dir."})
     seed: int = field(default=0, metadata={"help": "Row sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
 
@@ -92,17 +102,26 @@ def random_model_dir(path: str, tokenizer, num_hidden_layers: int = 32, device: 
     return str(target)
 
 
-def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int) -> dict:
+def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, scorer: Scorer | None = None
+                 ) -> dict:
+    """Time ``predict_frame`` on ``test``: greedy, or MBR with ``args.mbr_candidates`` samples when ``scorer``."""
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    samples = None
+    if scorer is not None:
+        samples = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.mbr_temperature,
+                                 num_return_sequences=args.mbr_candidates, seed=args.seed + 1)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     result = predict_frame(test, model, tokenizer, PostprocessConfig(), params, batch_size, args.max_text_tokens,
-                           progress=True)
+                           progress=True, samples=samples, scorer=scorer)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in result["raw_prediction"])
+    texts = list(result["raw_prediction"])
+    if "raw_samples" in result:
+        texts += [t for samples in result["raw_samples"] for t in json.loads(samples)]
+    new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return {"batch_size": batch_size, "rows": len(test), "seconds": round(seconds, 2),
             "rows_per_s": round(len(test) / seconds, 4), "new_tokens_per_s": round(new_tokens / seconds, 1)}
 
@@ -122,25 +141,44 @@ def main(args: BenchArguments) -> None:
         model = load_model("embedded", dtype="float32")
         label = f"embedded SmolLM2-135M, fp32, CPU with {torch.get_num_threads()} threads"
     load_s = time.perf_counter() - start
-    time_predict(test.head(2), model, tokenizer, args, 2)  # warm-up (kernels, caches)
+    scorer = Scorer(args.scorer) if args.mbr_candidates > 0 else None
+    time_predict(test.head(2), model, tokenizer, args, 2, scorer)  # warm-up (kernels, caches, the scorer's load)
 
     batched = time_predict(test, model, tokenizer, args, args.batch_size)
-    single = time_predict(test.head(args.single_rows or args.rows), model, tokenizer, args, 1)
     figures = {"model": label, "load_s": round(load_s, 1), "max_new_tokens": args.max_new_tokens,
-               "max_text_tokens": args.max_text_tokens, "batched": batched, "one_at_a_time": single,
-               "speedup": round(batched["rows_per_s"] / single["rows_per_s"], 2)}
+               "max_text_tokens": args.max_text_tokens, "batched": batched}
+    single_rows = args.rows if args.single_rows is None else args.single_rows
+    if single_rows:
+        single = time_predict(test.head(single_rows), model, tokenizer, args, 1)
+        figures.update(one_at_a_time=single, speedup=round(batched["rows_per_s"] / single["rows_per_s"], 2))
+    if scorer is not None:
+        mbr = time_predict(test, model, tokenizer, args, args.batch_size, scorer)
+        figures.update(mbr=dict(mbr, candidates=args.mbr_candidates, scorer=scorer.name),
+                       mbr_over_greedy=round(mbr["seconds"] / batched["seconds"], 2))
     kaggle_s = load_s + KAGGLE_ROWS / batched["rows_per_s"]
     figures["kaggle_1400_rows_s"] = round(kaggle_s, 1)
     figures["kaggle_fraction_of_9h"] = round(kaggle_s / KAGGLE_LIMIT_S, 4)
+    if "mbr" in figures:
+        figures["kaggle_1400_rows_mbr_s"] = round(load_s + KAGGLE_ROWS / figures["mbr"]["rows_per_s"], 1)
 
     print(f"\n{label}; {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens")
-    for name, fig in (("batched", batched), ("one at a time", single)):
-        print(f"  {name:>14} (batch {fig['batch_size']:>2}, {fig['rows']} rows): {fig['rows_per_s']:.3f} rows/s, "
-              f"{fig['new_tokens_per_s']:.1f} new tokens/s, {fig['seconds']:.1f}s")
-    print(f"  batched / one at a time: {figures['speedup']:.2f}x")
+    runs = [("batched", "batched"), ("one at a time", "one_at_a_time"), (f"mbr (N={args.mbr_candidates})", "mbr")]
+    for name, key in runs:
+        if key in figures:
+            fig = figures[key]
+            print(f"  {name:>14} (batch {fig['batch_size']:>2}, {fig['rows']} rows): {fig['rows_per_s']:.3f} rows/s, "
+                  f"{fig['new_tokens_per_s']:.1f} new tokens/s, {fig['seconds']:.1f}s")
+    if "speedup" in figures:
+        print(f"  batched / one at a time: {figures['speedup']:.2f}x")
+    if "mbr" in figures:
+        print(f"  mbr (greedy + {args.mbr_candidates} samples, {figures['mbr']['scorer']}) / greedy, both batched: "
+              f"{figures['mbr_over_greedy']:.2f}x the time")
+    where = " (this GPU; a Kaggle T4 is several times slower)" if args.gpu else ""
     print(f"  ~{KAGGLE_ROWS} rows: {kaggle_s / 60:.1f} min incl. {load_s:.0f}s load = "
-          f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h"
-          + (" (this GPU; a Kaggle T4 is several times slower)" if args.gpu else ""))
+          f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h{where}")
+    if "mbr" in figures:
+        print(f"  ~{KAGGLE_ROWS} rows with mbr: {figures['kaggle_1400_rows_mbr_s'] / 60:.1f} min = "
+              f"{100 * figures['kaggle_1400_rows_mbr_s'] / KAGGLE_LIMIT_S:.1f}% of Kaggle's 9 h{where}")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": asdict(args), **figures}, indent=2) + "\n")
 

@@ -29,12 +29,11 @@ from promptrec import pairs as P
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS
 from promptrec.resumable import dist_info, run_sharded, write_manifest
-from promptrec.splits import eval_mask, normalize_prompt
+from promptrec.splits import SPLIT_BY, eval_mask, with_prompt_clusters
 from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import preference_example
 
 logger = logging.getLogger("build_pairs")
-SPLIT_BY = ("id", "prompt", "cluster")
 
 
 @dataclass
@@ -125,12 +124,9 @@ def prompt_format(args: PairArguments) -> tuple[str, int | None]:
 
 def split_mask(args: PairArguments, examples: pd.DataFrame, scorer) -> np.ndarray:
     """True for eval examples; ``cluster`` groups near-identical prompts (by embedding) before the draw."""
-    if args.split_by != "cluster":
-        return eval_mask(examples, args.eval_fraction, args.split_by, args.seed)
-    prompts = sorted({normalize_prompt(p) for p in examples["rewrite_prompt"]})
-    key = dict(zip(prompts, P.prompt_cluster_keys(prompts, scorer.encode(prompts), args.cluster_threshold)))
-    groups = pd.DataFrame({"id": examples["rewrite_prompt"].map(lambda p: key[normalize_prompt(p)])})
-    return eval_mask(groups, args.eval_fraction, "id", args.seed)
+    if args.split_by == "cluster":
+        examples = with_prompt_clusters(examples, scorer.encode, args.cluster_threshold)
+    return eval_mask(examples, args.eval_fraction, args.split_by, args.seed)
 
 
 def pair_rows(args: PairArguments, example: dict, tokenizer) -> list[dict]:

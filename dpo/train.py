@@ -27,6 +27,7 @@ from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
 from promptrec.training import (
     EvalArguments,
+    check_pairs_format,
     eval_triplets_of_split,
     inherit_from_sft,
     load_base,
@@ -88,6 +89,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     # ---------------------------------------------------------------------------------------------- setup
     setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     sft_config = inherit_from_sft(script_args, model_args)
+    check_pairs_format(script_args.train_pairs, script_args.max_text_tokens)
     logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
     output_dir = Path(training_args.output_dir)
 

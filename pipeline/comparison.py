@@ -17,24 +17,39 @@ from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postpr
 from promptrec.predict import resolve_mean_prompt
 from promptrec.tables import write_json
 
-# Data sizes and steps per preset. "small" is the main job on 2 CPU cores (21.5 min measured); "tiny" is CI's smoke;
+# Data sizes and steps per preset. "small" is the main job on 2 CPU cores; "tiny" is CI's smoke;
 # "full" is for a GPU (all triplets, real training lengths).
 SIZES = {
     "tiny": {"max_triplets": 16, "rewrite_new_tokens": 48, "max_heldout": 6, "mean_prompt_steps": 2,
              "sft_steps": 2, "dpo_steps": 2, "policy_samples": 2, "eval_samples": 4,
              "candidate_triplets": 12},
-    "small": {"max_triplets": 120, "rewrite_new_tokens": 96, "max_heldout": 40, "mean_prompt_steps": 8,
-              "sft_steps": 30, "dpo_steps": 12, "policy_samples": 4, "eval_samples": 16,
-              "candidate_triplets": 60},
+    "small": {"max_triplets": 120, "rewrite_new_tokens": 96, "max_heldout": 120, "mean_prompt_steps": 8,
+              "sft_steps": 40, "dpo_steps": 16, "policy_samples": 4, "eval_samples": 16,
+              "candidate_triplets": 64},
     "full": {"max_triplets": None, "rewrite_new_tokens": 320, "max_heldout": 1000, "mean_prompt_steps": 16,
              "sft_steps": 1500, "dpo_steps": 600, "policy_samples": 6, "eval_samples": 500,
              "candidate_triplets": None},
 }
 
 
+# One line per report row: what the method is.
+DESCRIPTIONS = {
+    "constant": "the same prompt for every row, the competition's baseline",
+    "mean prompt": "one prompt for every row, found by beam search on the train prompts (reward/mean_prompt.py)",
+    "base model, zero-shot": "the untrained base model, greedy, asked for the prompt in the recovery format",
+    "SFT adapter": "QLoRA/LoRA supervised fine-tuning on the train triplets (sft/train.py), greedy",
+    "DPO adapter": "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy",
+    "DPO adapter + mean prompt": "the DPO adapter's prediction with the mean prompt appended, as top solutions did",
+}
+
+
+def describe(method: str) -> str:
+    return DESCRIPTIONS.get(method.split(' "')[0], "")
+
+
 def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Truth rows of the held-out split and, per method, its prediction for each row (in truth order)."""
-    truth = pd.read_csv(run_dir / "split" / "truth.csv")
+    truth = pd.read_parquet(run_dir / "split" / "heldout.parquet")
     mean_file = run_dir / "mean_prompt" / "mean_prompt.json"
     mean = resolve_mean_prompt(str(mean_file)) if mean_file.exists() else DEFAULT_MEAN_PROMPT
 
@@ -55,34 +70,83 @@ def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[
     return truth, methods
 
 
+def paired(scores: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """Mean paired difference ``scores - reference`` (same rows) and its 95% bootstrap interval."""
+    diff = np.asarray(scores) - np.asarray(reference)
+    low, high = bootstrap_ci(diff, seed=0)
+    return float(diff.mean()), low, high
+
+
+def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer) -> list[dict]:
+    """Per method: mean SCS with its 95% CI, the paired difference to the SFT adapter with its CI, per-row scores."""
+    scores = {name: scorer.score(p, list(truth["rewrite_prompt"])) for name, p in methods.items()}
+    sft = scores.get("SFT adapter")
+    rows = []
+    for name, predictions in methods.items():
+        low, high = bootstrap_ci(scores[name], seed=0)
+        diff = paired(scores[name], sft) if sft is not None and name != "SFT adapter" else (None, None, None)
+        rows.append({"method": name, "mean_scs": float(np.mean(scores[name])), "ci_low": low, "ci_high": high,
+                     "vs_sft": diff[0], "vs_sft_low": diff[1], "vs_sft_high": diff[2],
+                     "scores": scores[name].tolist(), "predictions": list(predictions)})
+    return rows
+
+
+def _fmt_diff(r: dict) -> str:
+    return "—" if r["vs_sft"] is None else f"{r['vs_sft']:+.4f} ({r['vs_sft_low']:+.3f} … {r['vs_sft_high']:+.3f})"
+
+
+def _cell(text: str, width: int = 110) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     """Score every method against the truth; write report.md, report.png, report.json; return them with the table."""
     from promptrec.scoring import Scorer
 
     truth, methods = comparison_predictions(run_dir)
     scorer = Scorer(scorer_name)
-    rows = []
-    for name, predictions in methods.items():
-        scores = scorer.score(predictions, list(truth["rewrite_prompt"]))
-        low, high = bootstrap_ci(scores, seed=0)
-        rows.append({"method": name, "mean_scs": float(np.mean(scores)), "ci_low": low, "ci_high": high,
-                     "example": predictions[0]})
-    table = ["| method | mean SCS | 95% CI |", "|---|---:|---|"]
-    table += [f"| {r['method']} | {r['mean_scs']:.4f} | {r['ci_low']:.3f} – {r['ci_high']:.3f} |" for r in rows]
+    rows = score_methods(truth, methods, scorer)
+    by_name = {r["method"]: r for r in rows}
+    table = ["| method | mean SCS | 95% CI | − SFT, paired (95% CI) |", "|---|---:|---|---|"]
+    table += [f"| {r['method']} | {r['mean_scs']:.4f} | {r['ci_low']:.3f} – {r['ci_high']:.3f} | {_fmt_diff(r)} |"
+              for r in rows]
     table = "\n".join(table)
     config = json.loads((run_dir / "pipeline_config.json").read_text())
     identity = scorer.identity
+    source = ("bundled reference rewrites (promptrec/assets/reference_rewrites.jsonl)"
+              if config.get("triplets") == "reference" and not config.get("generate") else
+              f"`{config['triplets']}`" if config.get("triplets") and not config.get("generate") else
+              f"rewrites generated by `{config.get('generator', config['model'])}` ({config.get('rewrite_recipe')})")
+    sft_base = paired(np.array(by_name["SFT adapter"]["scores"]), np.array(by_name["base model, zero-shot"]["scores"]))
     md = [f"# Prompt recovery: held-out comparison ({run_dir.name})", "",
-          f"{len(truth)} held-out rows whose prompts no stage trained on; scorer {identity['model']} "
-          f"(SCS = cos^{identity['exponent']:g}); base model `{config['model']}`, size `{config['size']}`.", "",
-          table, "", "![mean SCS per method](report.png)", "",
-          "First held-out row's predictions:", ""]
-    md += [f"- **{r['method']}**: {r['example'][:200]}" for r in rows]
-    md += ["", f"True prompt: {truth['rewrite_prompt'].iloc[0]}"]
+          f"Data: {source}. {len(truth)} held-out rows ({truth['rewrite_prompt'].nunique()} prompts) held out by "
+          f"prompt {config.get('split_by', 'prompt')}: no stage trained on them or on their near-duplicates. "
+          f"Scorer {identity['model']} (SCS = cos^{identity['exponent']:g}); base model `{config['model']}`, size "
+          f"`{config['size']}`. Intervals: 95% bootstrap over rows; paired differences are over the same rows.", "",
+          table, "", f"SFT − base, paired: {sft_base[0]:+.4f} (95% CI {sft_base[1]:+.3f} … {sft_base[2]:+.3f}).", "",
+          "What each row is:", ""]
+    md += [f"- **{r['method']}**: {describe(r['method'])}" for r in rows]
+    md += ["", "![mean SCS per method](report.png)", ""]
+    if "prompt_category" in truth.columns:
+        md += ["One held-out row per prompt category (true prompt → SFT / DPO predictions):", "",
+               "| category | true prompt | SFT | DPO |", "|---|---|---|---|"]
+        for category, group in truth.reset_index(drop=True).groupby("prompt_category", sort=True):
+            i = group.index[0]
+            md.append(f"| {category} | {_cell(truth['rewrite_prompt'].iloc[i], 60)} | "
+                      f"{_cell(by_name['SFT adapter']['predictions'][i], 60)} | "
+                      f"{_cell(by_name['DPO adapter']['predictions'][i], 60)} |")
+    else:
+        md += ["First held-out row's predictions:", ""]
+        md += [f"- **{r['method']}**: {_cell(r['predictions'][0], 200)}" for r in rows]
+        md += ["", f"True prompt: {truth['rewrite_prompt'].iloc[0]}"]
     (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     _plot(rows, out_dir / "report.png", identity)
-    write_json({"rows": rows, "n": len(truth), "scorer": identity, "config": config}, out_dir / "report.json")
-    return {"rows": rows, "table": table}
+    summary = [{k: v for k, v in r.items() if k not in ("scores", "predictions")} | {"example": r["predictions"][0]}
+               for r in rows]
+    write_json({"rows": summary, "n": len(truth), "sft_minus_base": dict(zip(("mean", "low", "high"), sft_base)),
+                "scorer": identity, "config": config}, out_dir / "report.json")
+    return {"rows": summary, "table": table}
 
 
 def _plot(rows: list[dict], path: Path, identity: dict) -> None:

@@ -1,14 +1,18 @@
 """The main job: every stage in order, then a report comparing what each stage bought on held-out prompts.
 
-    python pipeline/run.py --config pipeline/configs/smollm2.yaml                  # embedded default, ~22 min CPU
-    python pipeline/run.py --config pipeline/configs/real_gemma.yaml               # external triplets, no generation
+    python pipeline/run.py --config pipeline/configs/smollm2.yaml                  # embedded default (make run)
+    python pipeline/run.py --config pipeline/configs/smollm2_generate.yaml         # the embedded model's own rewrites
+    python pipeline/run.py --config pipeline/configs/real_gemma.yaml               # external triplets
+    python pipeline/run.py --config pipeline/configs/phi2.yaml                     # Phi-2 QLoRA on a GPU
     python pipeline/run.py --config pipeline/configs/smollm2.yaml --size tiny      # CI's smallest size
 
-Stages (each its own entry script, run as a subprocess with its own recipe plus overrides): rewrite → split (by
-prompt: held-out prompts are never trained on) → mean prompt → SFT → candidates (SFT policy samples + bank
-negatives + mean + truth) → pairs → DPO → predictions on the held-out split (base zero-shot, SFT, DPO) →
-report. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run skips it (``--force`` names stages to
-redo). Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
+Stages (each its own entry script, run as a subprocess with its own recipe plus overrides): rewrite (or read
+``--triplets``) → split (by prompt cluster: near-duplicates of a held-out prompt are never trained on) → mean prompt
+→ SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → predictions on the held-out
+split (base zero-shot, SFT, DPO) → report. The model, tokenizer, chat template and text budget are decided once,
+by the SFT stage (``--model``, ``--max_text_tokens``), and recorded in its ``run_config.json``: candidates, pairs,
+DPO and predict read them back from there. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run
+skips it (``--force`` names stages to redo). Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ class PipelineArguments:
     run_dir: str = field(default="checkpoints/pipeline/smollm2", metadata={"help": "Where every stage writes."})
     size: str = field(default="small", metadata={"help": f"Preset of data sizes and steps: {', '.join(SIZES)}."})
     triplets: str | None = field(default=None, metadata={
-        "help": "External triplets (e.g. ../shared/data/triplets.csv): skips generation."})
+        "help": "Triplets to train on instead of generating rewrites: 'reference' (the bundled reference rewrites) "
+                "or a file, e.g. ../shared/data/triplets.csv."})
+    generate: bool = field(default=False, metadata={
+        "help": "Generate rewrites with the rewrite recipe and --generator even when triplets is set."})
+    generator: str = field(default="embedded", metadata={"help": "Rewrite generator (e.g. google/gemma-7b-it)."})
     producers: list[str] = field(default_factory=list, metadata={
         "help": "With --triplets: keep rows whose 'producer' starts with one of these (e.g. 'gemma')."})
     model: str = field(default="embedded", metadata={"help": "Base policy model: hub id, local dir or 'embedded'."})
@@ -51,6 +59,10 @@ class PipelineArguments:
     dpo_recipe: str = field(default="dpo/configs/smollm2.yaml", metadata={"help": "DPO recipe."})
     max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
+    split_by: str = field(default="cluster", metadata={
+        "help": "Held-out groups: 'cluster' (near-duplicate prompts by scorer embedding stay together) or 'prompt'."})
+    cluster_threshold: float = field(default=0.8, metadata={
+        "help": "split_by cluster: prompts with scorer cosine >= this (transitively) are one group."})
     max_triplets: int | None = field(default=None, metadata={"help": "Override the size's number of triplets."})
     sft_steps: int | None = field(default=None, metadata={"help": "Override the size's SFT steps."})
     dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
@@ -68,21 +80,25 @@ class PipelineArguments:
     def __post_init__(self):
         if self.bf16 not in ("auto", "true", "false"):
             raise ValueError(f"bf16 must be auto, true or false, not {self.bf16!r}")
+        if self.split_by not in ("cluster", "prompt"):
+            raise ValueError(f"split_by must be cluster or prompt, not {self.split_by!r}")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
         unknown = set(self.force) - set(STAGES) - {"all"}
         if unknown:
             raise ValueError(f"unknown stage(s) in --force: {sorted(unknown)}")
 
-    def bf16_cli(self) -> list[str]:
-        """The --bf16 override SFT and DPO get (none: the recipe's own setting)."""
+    def training_cli(self) -> list[str]:
+        """Overrides every trainer gets: the CPU when there is no GPU (GPU recipes included: TrainingArguments
+        refuses bf16 without one), and --bf16 (none on auto with a GPU: the recipe's own setting)."""
         import torch
 
         from promptrec.models import cpu_has_bf16
 
+        device = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
         if self.bf16 == "auto":
-            return ["--bf16", "true"] if not torch.cuda.is_available() and cpu_has_bf16() else []
-        return ["--bf16", self.bf16]
+            return device + (["--bf16", str(cpu_has_bf16()).lower()] if device else [])
+        return device + ["--bf16", self.bf16]
 
     def knob(self, name: str):
         override = getattr(self, name, None)
@@ -128,27 +144,30 @@ def main(args: PipelineArguments) -> dict:
     n = args.knob("max_triplets")
 
     def rewrite(out):
-        if args.triplets:
+        if args.triplets and not args.generate:
             df, counts = read_triplets(args.triplets, args.producers, limit=n, seed=args.seed)
-            logger.info("External triplets %s: %s", args.triplets, counts)
+            logger.info("Triplets %s: %s", args.triplets, counts)
             write_table(df, out / "triplets.parquet")
         else:
             run.script("rewrite", "data_generation/rewrite.py", "--config", args.rewrite_recipe, "--generator",
-                       args.model, "--max_pairs", n, "--max_new_tokens", args.knob("rewrite_new_tokens"),
+                       args.generator, "--max_pairs", n, "--max_new_tokens", args.knob("rewrite_new_tokens"),
                        "--output", out / "triplets.parquet", *seed)
 
     def split(out):
-        from promptrec.splits import split_frame
+        from promptrec.scoring import Scorer
+        from promptrec.splits import split_frame, with_prompt_clusters
 
         df, _ = read_triplets(str(d / "rewrite" / "triplets.parquet"))
+        if args.split_by == "cluster":
+            df = with_prompt_clusters(df, Scorer(args.scorer).encode, args.cluster_threshold)
         # salted: the stages split this train side again (by prompt, same seed) for their own eval rows
-        train, heldout = split_frame(df, args.heldout_fraction, by="prompt", seed=args.seed, salt="heldout")
+        train, heldout = split_frame(df, args.heldout_fraction, by=args.split_by, seed=args.seed, salt="heldout")
         heldout = heldout.sample(frac=1.0, random_state=args.seed).head(args.knob("max_heldout"))
         write_table(train, out / "train.parquet")
         write_table(heldout, out / "heldout.parquet")
         write_table(heldout[["id", "original_text", "rewritten_text"]], out / "test.csv")
         write_table(heldout[["id", "rewrite_prompt"]], out / "truth.csv")
-        logger.info("Split by prompt: %d train rows, %d held-out rows (%d held-out prompts)", len(train),
+        logger.info("Split by %s: %d train rows, %d held-out rows (%d held-out prompts)", args.split_by, len(train),
                     len(heldout), heldout.rewrite_prompt.nunique())
 
     def mean_prompt(out):
@@ -162,35 +181,36 @@ def main(args: PipelineArguments) -> dict:
                    "--triplets", d / "split" / "train.parquet", "--max_text_tokens", args.max_text_tokens,
                    "--max_steps", args.knob("sft_steps"), "--scorer", args.scorer, "--output_dir", out,
                    "--max_eval_samples", args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"),
-                   *args.bf16_cli(), *seed)
+                   *args.training_cli(), *seed)
 
     def candidates(out):
         run.script("candidates", "data_generation/candidates.py", "--config", args.candidates_recipe,
                    "--triplets", d / "split" / "train.parquet", "--policy_adapter", d / "sft",
-                   "--max_text_tokens", args.max_text_tokens, "--num_samples", args.knob("policy_samples"),
+                   "--num_samples", args.knob("policy_samples"),
                    "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--scorer", args.scorer,
                    *(["--limit", limit] if (limit := args.knob("candidate_triplets")) else []), "--output_dir", out,
                    *seed)
 
     def pairs(out):
+        # tokenizer and text budget: the SFT policy's, as candidates.manifest.json records it
         run.script("pairs", "data_generation/build_pairs.py", "--config", args.pairs_recipe, "--candidates",
-                   d / "candidates" / "candidates.parquet", "--tokenizer", args.model, "--max_text_tokens",
-                   args.max_text_tokens, "--scorer", args.scorer, "--output_dir", out, *seed)
+                   d / "candidates" / "candidates.parquet", "--scorer", args.scorer, "--output_dir", out, *seed)
 
     def dpo(out):
-        run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--model_name_or_path", args.model,
-                   "--sft_adapter", d / "sft", "--train_pairs", d / "pairs" / "train.jsonl", "--eval_pairs",
-                   d / "pairs" / "eval.jsonl", "--max_steps", args.knob("dpo_steps"), "--scorer", args.scorer,
-                   "--output_dir", out, "--max_eval_pairs", args.knob("eval_samples"), "--eval_scs_samples",
-                   args.knob("eval_samples"), *args.bf16_cli(), *seed)
+        run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--sft_adapter", d / "sft", "--train_pairs",
+                   d / "pairs" / "train.jsonl", "--eval_pairs", d / "pairs" / "eval.jsonl", "--max_steps",
+                   args.knob("dpo_steps"), "--scorer", args.scorer, "--output_dir", out, "--max_eval_pairs",
+                   args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"), *args.training_cli(),
+                   *seed)
 
     def predict(out):
         test = d / "split" / "test.csv"
         for name, adapter in (("base", None), ("sft", d / "sft"), ("dpo", d / "dpo")):
-            cli = ["--model", args.model, "--input", test, "--output", out / f"{name}.csv", "--max_text_tokens",
-                   args.max_text_tokens, "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--dtype",
-                   "float32"]
-            run.script("predict", "inference/predict.py", *cli, *(["--adapter", adapter] if adapter else []))
+            # an adapter brings its base model and text budget (run_config.json); the base alone is told them
+            policy = ["--adapter", adapter] if adapter else ["--model", args.model, "--max_text_tokens",
+                                                             args.max_text_tokens]
+            run.script("predict", "inference/predict.py", *policy, "--input", test, "--output", out / f"{name}.csv",
+                       "--mean_prompt", d / "mean_prompt" / "mean_prompt.json")
 
     def report(out):
         build_report(d, args.scorer, out_dir=d)

@@ -28,6 +28,15 @@ def seed_texts() -> pd.DataFrame:
     return df.rename(columns={"id": "text_id", "text": "original_text"})
 
 
+REFERENCE = "reference"  # --triplets reference: the bundled reference rewrites
+
+
+def reference_triplets_path() -> str:
+    """The bundled reference rewrites (``assets/reference_rewrites.jsonl``): 504 triplets written for this project
+    over the seed texts and the prompt bank, as an instruction-tuned model follows a prompt (see assets/README.md)."""
+    return str(resources.files("promptrec").joinpath("assets", "reference_rewrites.jsonl"))
+
+
 def prompt_bank() -> pd.DataFrame:
     """The project's own rewrite prompts: columns ``rewrite_prompt, prompt_category``."""
     df = pd.DataFrame(_asset_rows("prompt_bank.jsonl"))

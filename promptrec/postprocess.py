@@ -230,14 +230,22 @@ def clean_prediction(raw, config: PostprocessConfig | None = None, sources: Iter
     return text if is_usable(text, config.min_letters) else ""
 
 
-def postprocess(raw, config: PostprocessConfig | None = None, sources: Iterable[str] = ()) -> str:
-    """The submission prompt for one raw generation: cleaned, else the mean prompt; never blank."""
+def finalize(text: str, config: PostprocessConfig | None = None) -> str:
+    """The submission prompt for an already cleaned prediction (``""`` when unusable): the mean prompt in its place
+    when empty, and appended when ``append_mean_prompt``; never blank. MBR selection cleans its candidates first,
+    picks, then finalizes the pick."""
     config = config or PostprocessConfig()
     mean = squash(config.mean_prompt)
-    text = clean_prediction(raw, config, sources) or mean
+    text = squash(text) or mean
     if config.append_mean_prompt and text != mean:
         text = f"{text} {mean}"
     return text
+
+
+def postprocess(raw, config: PostprocessConfig | None = None, sources: Iterable[str] = ()) -> str:
+    """The submission prompt for one raw generation: cleaned, else the mean prompt; never blank."""
+    config = config or PostprocessConfig()
+    return finalize(clean_prediction(raw, config, sources), config)
 
 
 def postprocess_all(raws: Iterable, config: PostprocessConfig | None = None,

@@ -5,7 +5,13 @@ One code path for ``inference/predict.py`` (the CLI) and ``inference/kaggle_infe
 
 Input: ``id, original_text, rewritten_text`` (csv/jsonl/parquet). Output: ``id, rewrite_prompt`` — every input id
 once, in input order, never a blank prompt — written atomically, with the resolved config beside it
-(``<output stem>.config.json``). Nothing here imports TRL, so the notebook needs only transformers and peft.
+(``<output stem>.config.json``). Nothing here imports TRL, so the notebook needs only transformers and peft (plus
+sentence-transformers for ``selection="mbr"``).
+
+Selection: ``greedy`` (default) submits the policy's answer. ``mbr`` also samples ``num_candidates`` answers per row,
+cleans every candidate (the greedy answer, the mean prompt, the samples) as post-processing cleans a prediction,
+picks the one with the highest mean SCS to the others (:mod:`promptrec.selection`, scored by ``scorer``), then
+post-processes the pick as usual (mean prompt when empty, appended when asked).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -22,7 +29,9 @@ import torch
 
 from promptrec.generation import SamplingParams, generate
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, resolve_policy
-from promptrec.postprocess import PostprocessConfig, postprocess_all
+from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, postprocess_all, squash
+from promptrec.scoring import Scorer
+from promptrec.selection import combine, score_rows
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
 
@@ -63,6 +72,20 @@ class PredictArguments:
     raw_output: str | None = field(default=None, metadata={
         "help": "Optional table of id, raw_prediction, rewrite_prompt, to inspect the post-processing."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    selection: Literal["greedy", "mbr"] = field(default="greedy", metadata={
+        "help": "'greedy': submit the policy's answer. 'mbr': minimum-Bayes-risk selection among the answer, the mean "
+                "prompt and --num_candidates samples (the candidate with the highest mean SCS to the others)."})
+    num_candidates: int = field(default=8, metadata={
+        "help": "With --selection mbr: sampled answers per row, besides the greedy answer and the mean prompt "
+                "(so up to num_candidates + 1 generations per row)."})
+    mbr_temperature: float = field(default=0.8, metadata={
+        "help": "With --selection mbr: sampling temperature of the extra candidates (--top_p applies to them too)."})
+    concat_top_k: int = field(default=1, metadata={
+        "help": "With --selection mbr: submit the top-k distinct candidates joined by spaces (1: the pick alone)."})
+    scorer: str = field(default="auto", metadata={
+        "help": "With --selection mbr: the embedding model the candidates are compared with: 'auto' "
+                "(sentence-t5-base, the metric's, when loadable, else the embedded all-MiniLM-L6-v2), 'embedded', "
+                "a hub id or a local sentence-transformers directory (on Kaggle: the attached sentence-t5-base)."})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -71,10 +94,29 @@ class PredictArguments:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError("max_text_tokens must be >= 1")
+        if self.selection not in ("greedy", "mbr"):
+            raise ValueError(f"selection must be 'greedy' or 'mbr', not {self.selection!r}")
+        if self.num_candidates < 1 or self.concat_top_k < 1 or self.mbr_temperature <= 0:
+            raise ValueError("num_candidates and concat_top_k must be >= 1 and mbr_temperature > 0")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               seed=self.seed)
+
+    def candidate_params(self) -> SamplingParams | None:
+        """How the extra MBR candidates are sampled (``num_candidates`` per row); None in greedy selection."""
+        if self.selection != "mbr":
+            return None
+        # Another seed than sampling_params', so a sampled primary answer is not also sample 1.
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.mbr_temperature, top_p=self.top_p,
+                              num_return_sequences=self.num_candidates, seed=self.seed + 1)
+
+    def selection_summary(self) -> dict:
+        """The selection settings, for the config JSON."""
+        if self.selection != "mbr":
+            return {"selection": "greedy"}
+        return {"selection": "mbr", "num_candidates": self.num_candidates, "mbr_temperature": self.mbr_temperature,
+                "top_p": self.top_p, "concat_top_k": self.concat_top_k}
 
 
 # ---------------------------------------------------------------- inputs
@@ -134,11 +176,17 @@ def policy_of(args: PredictArguments) -> Policy:
 
 def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
                   batch_size: int = 8, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, samples: SamplingParams | None = None, scorer: Scorer | None = None,
+                  concat_top_k: int = 1) -> pd.DataFrame:
     """Predict every row of ``test`` (``id, original_text, rewritten_text``).
 
     Returns ``id, rewrite_prompt, raw_prediction`` in the input order. Rows with a missing text get the mean prompt
     without a model call (``raw_prediction`` empty); ``post.mean_prompt`` must already be a prompt, not a path.
+    With ``samples`` (sampling settings of the extra candidates) the prompt is chosen by MBR among the cleaned
+    candidates with ``scorer`` (see :func:`mbr_candidates`), and the frame also holds ``raw_samples`` (JSON list of
+    the raw sampled generations), ``candidates`` (JSON list: the cleaned greedy answer, the mean prompt, the cleaned
+    samples; unusable ones dropped), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick
+    before the mean prompt is appended).
     """
     ok = usable_text_mask(test).to_numpy()
     rows = test[ok]
@@ -150,8 +198,63 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
     for position, out in zip(ok.nonzero()[0], outputs):
         raw[position] = out[0]
     sources = list(zip(test["original_text"], test["rewritten_text"]))
-    return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": postprocess_all(raw, post, sources),
-                         "raw_prediction": raw})
+    if samples is None:
+        return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": postprocess_all(raw, post, sources),
+                             "raw_prediction": raw})
+    if scorer is None:
+        raise ValueError("predict_frame: MBR selection (samples=...) needs a scorer")
+    sampled = generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
+                       desc=f"sample x{samples.num_return_sequences}") if conversations else []
+    extra: list[list[str]] = [[] for _ in range(len(test))]
+    for position, out in zip(ok.nonzero()[0], sampled):
+        extra[position] = out
+    return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, concat_top_k)
+
+
+def mbr_candidates(primary: str, extra: list[str], post: PostprocessConfig, texts=()) -> list[str]:
+    """One row's MBR candidates: the cleaned primary (greedy) answer, the mean prompt, the cleaned samples, in that
+    order (so the greedy answer wins ties); unusable ones dropped, duplicates kept (they are votes)."""
+    cleaned = [clean_prediction(raw, post, texts) for raw in [primary, *extra]]
+    candidates = [cleaned[0], squash(post.mean_prompt), *cleaned[1:]]
+    return [c for c in candidates if c]
+
+
+def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: PostprocessConfig, scorer: Scorer,
+              concat_top_k: int = 1) -> pd.DataFrame:
+    """The MBR prediction frame of :func:`predict_frame` from each row's raw greedy answer and raw samples; rows
+    without text (``ok`` False) have no candidates and get the mean prompt."""
+    candidates = [mbr_candidates(r, e, post, texts) if good else [] for r, e, good, texts
+                  in zip(raw, extra, ok, sources, strict=True)]
+    live = [i for i, c in enumerate(candidates) if c]
+    scores: list = [[] for _ in candidates]
+    for i, row_scores in zip(live, score_rows([candidates[i] for i in live], scorer)):
+        scores[i] = row_scores
+    mean = squash(post.mean_prompt)
+    last = mean if post.append_mean_prompt else None
+    selected = [combine(c, s, concat_top_k, last=last) if c else "" for c, s in zip(candidates, scores)]
+    return pd.DataFrame({"id": ids, "rewrite_prompt": [finalize(text, post) for text in selected],
+                         "raw_prediction": raw, "raw_samples": [json.dumps(e, ensure_ascii=False) for e in extra],
+                         "selected": selected, "candidates": [json.dumps(c, ensure_ascii=False) for c in candidates],
+                         "mbr_scores": [json.dumps([round(float(x), 4) for x in s]) for s in scores]})
+
+
+def mbr_pick_counts(result: pd.DataFrame, post: PostprocessConfig) -> dict:
+    """How often the MBR pick was the greedy answer, the mean prompt, a sample only, or a concatenation."""
+    mean = squash(post.mean_prompt)
+    counts: Counter = Counter()
+    for selected, candidates in zip(result["selected"], result["candidates"]):
+        candidates = json.loads(candidates)
+        if not candidates:
+            counts["no_text"] += 1
+        elif selected == candidates[0] and selected != mean:
+            counts["greedy"] += 1
+        elif selected == mean:
+            counts["mean_prompt"] += 1
+        elif selected in candidates:
+            counts["sample"] += 1
+        else:
+            counts["concatenation"] += 1
+    return dict(counts)
 
 
 def validate_submission(submission: pd.DataFrame, ids) -> None:
@@ -165,12 +268,13 @@ def validate_submission(submission: pd.DataFrame, ids) -> None:
         raise DataError(f"submission row {int(blank.to_numpy().nonzero()[0][0]) + 1} has a blank rewrite_prompt")
 
 
-def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, model=None, tokenizer=None
-                 ) -> pd.DataFrame:
+def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, model=None, tokenizer=None,
+                 scorer: Scorer | None = None) -> pd.DataFrame:
     """Read ``args.input``, predict, post-process, write ``args.output`` (+ config JSON); return the submission.
 
     Pass ``model``/``tokenizer`` to reuse loaded ones (benchmarks, tests); then ``args.model``/``adapter`` are only
-    recorded, and the text budget comes from ``args.max_text_tokens``.
+    recorded, and the text budget comes from ``args.max_text_tokens``. ``scorer`` (MBR only) defaults to
+    ``Scorer(args.scorer)``, resolved before the model loads so a bad scorer name fails at once.
     """
     start = time.time()
     post = post or PostprocessConfig()
@@ -179,6 +283,8 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     n_bad = int((~usable_text_mask(test)).sum())
     if n_bad:
         logger.warning("%s: %d row(s) with a NaN/empty text get the mean prompt", args.input, n_bad)
+    if args.selection == "mbr" and scorer is None:
+        scorer = Scorer(args.scorer)  # loads lazily; resolving the name first fails fast on a bad one
     if model is None:
         policy = policy_of(args)
         model, tokenizer = load_policy(policy, args.dtype)
@@ -188,14 +294,19 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
                     "max_text_tokens": args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, "load_in_4bit": None}
     torch.manual_seed(args.seed)
     result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
-                           resolved["max_text_tokens"], args.progress)
+                           resolved["max_text_tokens"], args.progress, samples=args.candidate_params(),
+                           scorer=scorer, concat_top_k=args.concat_top_k)
     submission = result[list(SUBMISSION_COLUMNS)]
     validate_submission(submission, test["id"])
     output = write_table(submission, args.output)
+    selection = args.selection_summary()
+    if args.selection == "mbr":
+        selection.update(scorer=scorer.identity, picks=mbr_pick_counts(result, post))
     if args.raw_output:
-        write_table(result[["id", "raw_prediction", "rewrite_prompt"]], args.raw_output)
+        extra = ["raw_samples", "candidates", "mbr_scores", "selected"] if args.selection == "mbr" else []
+        write_table(result[["id", "raw_prediction", *extra, "rewrite_prompt"]], args.raw_output)
     n_fallback = int((submission["rewrite_prompt"] == post.mean_prompt).sum())
-    write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved,
+    write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "selection": selection,
                 "rows": len(test), "rows_without_text": n_bad, "mean_prompt_fallbacks": n_fallback,
                 "seconds": round(time.time() - start, 2)}, output.with_name(f"{output.stem}.config.json"))
     logger.info("Wrote %d predictions to %s (%d fell back to the mean prompt) in %.1fs", len(submission), output,

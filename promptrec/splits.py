@@ -3,7 +3,9 @@
 A row goes to eval when a seeded hash of its group key falls below ``eval_fraction``. The decision depends on
 the key alone, not on which other rows are in the file, so SFT, candidate/pair building and DPO — each reading
 the same triplets on its own — put the same examples (or the same prompts) in eval, and nothing trained on in
-one stage is evaluated on in another. ``by="prompt"`` keeps every rewrite of one prompt on one side.
+one stage is evaluated on in another. ``by="prompt"`` keeps every rewrite of one prompt on one side;
+``by="cluster"`` keeps near-duplicate prompts ("Rewrite this as a poem" / "Rewrite the text as a poem") on one
+side too: :func:`with_prompt_clusters` adds the cluster key each row is split by.
 
 A split taken from the train side of another split needs its own ``salt``: with the same seed and salt the
 inner eval rows (hash < 0.1, say) would all be ones the outer split already took (hash < 0.2), leaving the
@@ -17,7 +19,8 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-SPLIT_BY = ("id", "prompt")
+SPLIT_BY = ("id", "prompt", "cluster")
+CLUSTER_COLUMN = "prompt_cluster"
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -25,12 +28,27 @@ def normalize_prompt(prompt: str) -> str:
     return " ".join(str(prompt).lower().split())
 
 
+def with_prompt_clusters(df: pd.DataFrame, encode, threshold: float) -> pd.DataFrame:
+    """``df`` plus a ``prompt_cluster`` column: prompts whose embeddings (``encode(list of str)`` → (n, d),
+    L2-normalised) have cosine ≥ ``threshold``, transitively, share one key."""
+    from promptrec.pairs import prompt_cluster_keys
+
+    prompts = sorted({normalize_prompt(p) for p in df["rewrite_prompt"]})
+    key = dict(zip(prompts, prompt_cluster_keys(prompts, encode(prompts), threshold)))
+    return df.assign(**{CLUSTER_COLUMN: df["rewrite_prompt"].map(lambda p: key[normalize_prompt(p)])})
+
+
 def group_keys(df: pd.DataFrame, by: str = "id") -> pd.Series:
-    """The split key of each row: ``id`` (``by="id"``) or the normalised ``rewrite_prompt`` (``by="prompt"``)."""
+    """The split key of each row: ``id`` (``by="id"``), the normalised ``rewrite_prompt`` (``by="prompt"``) or the
+    ``prompt_cluster`` column that :func:`with_prompt_clusters` adds (``by="cluster"``)."""
     if by == "id":
         return df["id"].astype(str)
     if by == "prompt":
         return df["rewrite_prompt"].map(normalize_prompt)
+    if by == "cluster":
+        if CLUSTER_COLUMN not in df.columns:
+            raise ValueError("split_by cluster needs a prompt_cluster column (splits.with_prompt_clusters)")
+        return df[CLUSTER_COLUMN].astype(str)
     raise ValueError(f"split_by must be one of {SPLIT_BY}, not '{by}'")
 
 
@@ -59,6 +77,7 @@ def eval_mask(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int 
 
 def split_frame(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: int = 0, salt: str = ""
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(train, eval)`` rows of ``df`` (which needs ``id``, and ``rewrite_prompt`` for ``by="prompt"``)."""
+    """``(train, eval)`` rows of ``df`` (which needs ``id``; ``rewrite_prompt`` for ``by="prompt"``;
+    ``prompt_cluster`` for ``by="cluster"``)."""
     mask = eval_mask(df, eval_fraction, by, seed, salt)
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)

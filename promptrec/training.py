@@ -155,6 +155,19 @@ def _messages(value, role: str, where: str) -> list[dict]:
     return messages
 
 
+def check_pairs_format(pairs_path: str, max_text_tokens: int | None) -> None:
+    """Pairs must be rendered with the text budget the policy trained with; ``summary.json`` beside them (written
+    by data_generation/build_pairs.py) records theirs. Raises :class:`DataError` when the two differ."""
+    summary = Path(pairs_path).with_name("summary.json")
+    if not summary.is_file():
+        return
+    recorded = json.loads(summary.read_text(encoding="utf-8"))
+    if "max_text_tokens" in recorded and recorded["max_text_tokens"] != max_text_tokens:
+        raise DataError(f"{pairs_path}: its prompts cut texts to {recorded['max_text_tokens']} tokens, the policy "
+                        f"trained with max_text_tokens {max_text_tokens}; rebuild the pairs from candidates made "
+                        "with --policy_adapter <the SFT run> (build_pairs reads the budget from there)")
+
+
 def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
     """Preference pairs (TRL conversational: ``prompt`` user turns, ``chosen``/``rejected`` one assistant turn
     each) as a ``Dataset`` of ``prompt, chosen, rejected``; extra columns (``id, score_*, source_*``) are dropped."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from promptrec.corpus import pair_id
+from promptrec.corpus import REFERENCE, pair_id, reference_triplets_path
 from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
 
 
@@ -35,10 +35,14 @@ def read_triplets(path: str, producers: list[str] | tuple[str, ...] = (), rename
                   limit: int | None = None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Read, filter and id triplets; returns the frame and counts of what was dropped.
 
+    ``path`` is a .csv/.jsonl/.parquet/hf: file, or ``reference`` for the bundled reference rewrites.
+
     Columns out: ``id, original_text, rewrite_prompt, rewritten_text`` plus any others of the file. ``rename``
     maps the file's names to ours; rows with an empty text are dropped (counted), as are repeated ids.
     ``limit`` keeps a seeded random sample of that many rows, in file order.
     """
+    if str(path) == REFERENCE:
+        path = reference_triplets_path()
     df = read_table(path, required=TRIPLET_COLUMNS, rename=rename)
     df = filter_producers(df, producers, str(path))
     counts = {"read": len(df)}

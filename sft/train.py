@@ -23,7 +23,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
-from promptrec.splits import SPLIT_BY, split_frame
+from promptrec.splits import split_frame
 from promptrec.training import (
     EvalArguments,
     load_base,
@@ -53,7 +53,8 @@ class SFTScriptArguments(EvalArguments):
         "help": "Use a seeded random sample of this many triplets (after filtering), before the split."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of ids (or prompts) held out for eval."})
     split_by: str = field(default="id", metadata={
-        "help": "Split by example 'id', or by 'prompt' so no eval prompt is seen in training.", "choices": SPLIT_BY})
+        "help": "Split by example 'id', or by 'prompt' so no eval prompt is seen in training.",
+        "choices": ("id", "prompt")})
     max_eval_samples: int | None = field(default=64, metadata={
         "help": "Cap on the eval rows used for the eval loss during training (the SCS eval has its own cap)."})
     eval_scs_baseline: bool = field(default=False, metadata={

@@ -95,3 +95,32 @@ def assert_resumed_like_straight(resumed, straight, resumed_dir: Path, straight_
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+# Mistral-7B-Instruct's chat template (as its tokenizer ships it, minus the system-prompt branch).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def tiny_target_checkpoint(arch: str, path: Path) -> Path:
+    """A tiny random checkpoint of a target architecture (``phi`` or ``mistral``: the real module names) saved to
+    ``path`` with a tokenizer as its recipe expects it: Phi-2's has no chat template (promptrec gives it the
+    documented Instruct/Output one), Mistral's has the [INST] template. The tokenizer is SmolLM2's vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PhiConfig
+
+    from promptrec.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer.chat_template = None if arch == "phi" else MISTRAL_CHAT_TEMPLATE
+    shape = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 2048, "bos_token_id": tokenizer.bos_token_id,
+             "eos_token_id": tokenizer.eos_token_id}
+    config = PhiConfig(**shape) if arch == "phi" else MistralConfig(**shape, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if arch == "phi":  # save_pretrained keeps no template when there is none, but make sure of it
+        (path / "chat_template.jinja").unlink(missing_ok=True)
+    return path

@@ -173,6 +173,45 @@ def test_cli_without_adapter_end_to_end(tmp_path, test_csv, embedded_model_dir):
     assert config["postprocess"]["mean_prompt"] == MEAN
 
 
+def test_cli_mbr_selection_end_to_end(tmp_path, test_csv, embedded_model_dir):
+    """--selection mbr: every id once, never blank, the pick among the recorded candidates, the settings recorded."""
+    out = tmp_path / "sub.csv"
+    argv = ["--input", str(test_csv), "--output", str(out), "--raw_output", str(tmp_path / "raw.jsonl"),
+            "--selection", "mbr", "--num_candidates", "3", "--scorer", "embedded",
+            "--max_new_tokens", "4", "--max_text_tokens", "16", "--no_progress"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], check=False, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sub = check_submission(out, ["b", "a"])
+    raw = pd.read_json(tmp_path / "raw.jsonl", lines=True, dtype=False)
+    assert list(raw.columns) == ["id", "raw_prediction", "raw_samples", "candidates", "mbr_scores", "selected",
+                                 "rewrite_prompt"]
+    for row in raw.itertuples(index=False):
+        candidates, scores = json.loads(row.candidates), json.loads(row.mbr_scores)
+        assert len(json.loads(row.raw_samples)) == 3
+        assert MEAN in candidates and 2 <= len(candidates) <= 5 and len(scores) == len(candidates)
+        assert row.selected in candidates and row.rewrite_prompt == row.selected  # no --append_mean_prompt
+    assert list(sub["rewrite_prompt"]) == list(raw["rewrite_prompt"])
+    config = json.loads((tmp_path / "sub.config.json").read_text())
+    assert config["args"]["selection"] == "mbr"
+    selection = config["selection"]
+    assert {k: selection[k] for k in ("selection", "num_candidates", "mbr_temperature", "concat_top_k")} == {
+        "selection": "mbr", "num_candidates": 3, "mbr_temperature": 0.8, "concat_top_k": 1}
+    assert selection["scorer"]["model"] == "all-MiniLM-L6-v2 (embedded)" and sum(selection["picks"].values()) == 2
+
+
+def test_mbr_arguments():
+    assert PredictArguments().candidate_params() is None  # greedy selection samples nothing extra
+    params = PredictArguments(selection="mbr", num_candidates=4, mbr_temperature=0.7, seed=3).candidate_params()
+    assert (params.num_return_sequences, params.temperature, params.seed) == (4, 0.7, 4)
+    assert params.generate_kwargs()["do_sample"] is True
+    for bad in ({"num_candidates": 0}, {"concat_top_k": 0}, {"mbr_temperature": 0.0}):
+        with pytest.raises(ValueError):
+            PredictArguments(selection="mbr", **bad)
+    with pytest.raises(ValueError, match="'greedy' or 'mbr'"):
+        PredictArguments(selection="beam")
+
+
 def test_greedy_by_default_sampling_optional():
     assert PredictArguments().sampling_params().generate_kwargs()["do_sample"] is False
     kwargs = PredictArguments(temperature=0.7, top_p=0.9).sampling_params().generate_kwargs()
@@ -197,9 +236,8 @@ def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedde
 # ---------------------------------------------------------------- the Kaggle notebook
 
 
-def test_kaggle_notebook_runs_on_the_embedded_model(tmp_path, test_csv, adapter_dir, monkeypatch):
-    """The notebook end to end, and predict_file with an adapter: the base model and max_text_tokens come from
-    the adapter's run_config.json."""
+def run_notebook(tmp_path, monkeypatch, settings: dict):
+    """Execute the Kaggle notebook with ``PROMPTREC_<NAME>`` overrides; return the executed notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -211,22 +249,44 @@ def test_kaggle_notebook_runs_on_the_embedded_model(tmp_path, test_csv, adapter_
         "display_name": "promptrec test", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
-    out = tmp_path / "working" / "submission.csv"
-    settings = {"TEST_CSV": test_csv, "OUTPUT": out, "BASE_MODEL": "", "ADAPTER": adapter_dir, "SRC_DIR": REPO,
-                "WHEELS_DIR": "", "MAX_NEW_TOKENS": 4, "LOAD_IN_4BIT": "0", "BATCH_SIZE": 2}
     for name, value in settings.items():
         monkeypatch.setenv(f"PROMPTREC_{name}", str(value))
     monkeypatch.setenv("TQDM_DISABLE", "1")
-
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, kernel_name="promptrec-test", timeout=600,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return nb
+
+
+def test_kaggle_notebook_runs_on_the_embedded_model(tmp_path, test_csv, adapter_dir, monkeypatch):
+    """The notebook end to end, and predict_file with an adapter: the base model and max_text_tokens come from
+    the adapter's run_config.json."""
+    out = tmp_path / "working" / "submission.csv"
+    nb = run_notebook(tmp_path, monkeypatch, {
+        "TEST_CSV": test_csv, "OUTPUT": out, "BASE_MODEL": "", "ADAPTER": adapter_dir, "SRC_DIR": REPO,
+        "WHEELS_DIR": "", "MAX_NEW_TOKENS": 4, "LOAD_IN_4BIT": "0", "BATCH_SIZE": 2})
     sub = check_submission(out, ["b", "a"])
     assert all(p.endswith(MEAN) for p in sub["rewrite_prompt"])  # the notebook appends the mean prompt by default
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert f"promptrec from {REPO / 'promptrec'}" in printed
-    resolved = json.loads((out.parent / "submission.config.json").read_text())["resolved"]
-    assert resolved == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16, "load_in_4bit": False}
+    config = json.loads((out.parent / "submission.config.json").read_text())
+    assert config["resolved"] == {"model": "embedded", "adapter": str(adapter_dir), "max_text_tokens": 16,
+                                  "load_in_4bit": False}
+    assert config["selection"] == {"selection": "greedy"}  # the notebook's default
+
+
+def test_kaggle_notebook_mbr_selection(tmp_path, test_csv, monkeypatch):
+    """SELECTION=mbr on the embedded model, SCORER_DIR "" → the embedded MiniLM scorer."""
+    out = tmp_path / "working" / "submission.csv"
+    run_notebook(tmp_path, monkeypatch, {
+        "TEST_CSV": test_csv, "OUTPUT": out, "BASE_MODEL": "embedded", "ADAPTER": "", "SRC_DIR": REPO,
+        "WHEELS_DIR": "", "MAX_NEW_TOKENS": 4, "MAX_TEXT_TOKENS": 16, "LOAD_IN_4BIT": "0", "BATCH_SIZE": 2,
+        "SELECTION": "mbr", "NUM_CANDIDATES": 2, "SCORER_DIR": ""})
+    sub = check_submission(out, ["b", "a"])
+    assert all(p.endswith(MEAN) for p in sub["rewrite_prompt"])
+    selection = json.loads((out.parent / "submission.config.json").read_text())["selection"]
+    assert selection["selection"] == "mbr" and selection["num_candidates"] == 2
+    assert selection["scorer"]["model"] == "all-MiniLM-L6-v2 (embedded)"
 
 
 def test_notebook_is_committed_without_outputs():

@@ -20,16 +20,26 @@ DPO_RECIPES = sorted((REPO / "dpo" / "configs").glob("*.yaml"))
 LAUNCHERS = sorted((REPO / "dpo" / "accelerate").glob("*.yaml"))
 
 
-def parse_recipe(path, *overrides, stage=None):
+# Each entry script's parser: (script arguments dataclass, TRL config class).
+PARSERS = {"sft/train.py": ("SFTScriptArguments", "SFTConfig"), "dpo/train.py": ("DPOScriptArguments", "DPOConfig"),
+           "dpo/grpo.py": ("GRPOScriptArguments", "GRPOConfig")}
+
+
+def recipe_script(path, stage=None) -> str:
+    """The entry script a recipe is for: ``<stage>/grpo.py`` for ``grpo_*.yaml``, else ``<stage>/train.py``."""
+    stage = stage or path.parent.parent.name
+    return f"{stage}/grpo.py" if path.name.startswith("grpo_") else f"{stage}/train.py"
+
+
+def parse_recipe(path, *overrides, stage=None, script=None):
     """Parse a recipe with its script's parser. GPU recipes (bf16, paged optimiser) get ``--use_cpu true`` on a
     machine without CUDA, because TrainingArguments refuses bf16 without a GPU or use_cpu."""
-    from trl import DPOConfig, ModelConfig, SFTConfig
+    import trl
 
-    stage = stage or path.parent.parent.name
-    script = load_script(f"{stage}/train.py")
-    script_args = script.SFTScriptArguments if stage == "sft" else script.DPOScriptArguments
+    script = script or recipe_script(path, stage)
+    script_args, config = PARSERS[script]
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    return parse_args(script_args, SFTConfig if stage == "sft" else DPOConfig, ModelConfig,
+    return parse_args(getattr(load_script(script), script_args), getattr(trl, config), trl.ModelConfig,
                       args=["--config", str(path), *cpu, *overrides])
 
 
@@ -45,7 +55,11 @@ def test_every_recipe_and_launcher_config_parses(path):
             assert config.deepspeed_config["zero_stage"] in (2, 3)
         return
     script_args, training_args, model_args = parse_recipe(path)
-    assert model_args.model_name_or_path and training_args.output_dir.startswith("checkpoints/")
+    assert training_args.output_dir.startswith("checkpoints/")
+    if path.parent.parent.name == "dpo":  # decided once, by the SFT run: read back from its run_config.json
+        assert model_args.model_name_or_path is None and script_args.sft_adapter
+    else:
+        assert model_args.model_name_or_path
     if model_args.load_in_4bit:  # QLoRA recipes: NF4, double quantisation, storage = compute dtype (ZeRO-3)
         assert model_args.use_bnb_nested_quant and model_args.bnb_4bit_quant_storage == model_args.dtype
 
@@ -175,7 +189,7 @@ def test_read_pairs_checks_the_conversational_format(tmp_path):
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """``(script, args)`` of every train/merge command in sft/README.md and dpo/README.md (accelerate's own flags
+    """``(script, args)`` of every train/grpo/merge command in sft/README.md and dpo/README.md (accelerate's own flags
     dropped after checking that its config file exists)."""
     import shlex
 
@@ -186,7 +200,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
             if not line.startswith(("python ", "accelerate ")):
                 continue
             words = shlex.split(line)
-            scripts = [i for i, w in enumerate(words) if w in ("sft/train.py", "dpo/train.py", "dpo/merge.py")]
+            scripts = [i for i, w in enumerate(words) if w in (*PARSERS, "dpo/merge.py")]
             if not scripts:
                 continue
             if words[0] == "accelerate":
@@ -202,7 +216,7 @@ def test_readme_commands_parse(script, args):
         assert parse_args(module.MergeArguments, args=args)[0].adapter
         return
     config = REPO / args[args.index("--config") + 1]
-    script_args, _, _ = parse_recipe(config, *args[args.index("--config") + 2:], stage=script.split("/")[0])
+    script_args, _, _ = parse_recipe(config, *args[args.index("--config") + 2:], script=script)
     assert script_args.max_text_tokens is None or script_args.max_text_tokens > 0
 
 
