@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.corpus import REFERENCE, reference_triplets_path
 from promptrec.generation import SamplingParams
 from promptrec.models import load_model, load_tokenizer
 from promptrec.postprocess import PostprocessConfig
@@ -40,7 +41,9 @@ KAGGLE_LIMIT_S = 9 * 3600
 @dataclass
 class BenchArguments:
     triplets: str = field(default=str(REPO.parent / "shared" / "data" / "triplets.csv"), metadata={
-        "help": "Real triplets (original_text, rewritten_text used as test rows); ../shared/data/triplets.csv."})
+        "help": "Triplets whose original_text, rewritten_text are the test rows: a file or 'reference' (bundled)."})
+    tokenizer: str = field(default="embedded", metadata={
+        "help": "Tokenizer dir ('embedded': SmolLM2's; scripts/gpu_wheels.sh saves it for a bare GPU machine)."})
     rows: int = field(default=200, metadata={"help": "Rows to predict in each mode."})
     single_rows: int | None = field(default=None, metadata={
         "help": "Rows for the one-at-a-time run (default: --rows; 0 skips it); fewer keeps a slow CPU run short."})
@@ -62,7 +65,8 @@ class BenchArguments:
 
 def load_rows(args: BenchArguments):
     """``rows`` test-shaped rows (id, original_text, rewritten_text) sampled from the Gemma rows of the triplets."""
-    df = read_table(args.triplets, required=TRIPLET_COLUMNS)
+    path = reference_triplets_path() if args.triplets == REFERENCE else args.triplets
+    df = read_table(path, required=TRIPLET_COLUMNS)
     df = df[usable_text_mask(df)]  # the real data has a few rows without a rewrite
     if "producer" in df.columns:
         gemma = df[df["producer"].str.contains("gemma", case=False, na=False)]
@@ -132,7 +136,7 @@ def main(args: BenchArguments) -> None:
         print("CUDA is not available: skipping the --gpu benchmark.")
         return
     test = load_rows(args)
-    tokenizer = load_tokenizer("embedded")
+    tokenizer = load_tokenizer(args.tokenizer)
     start = time.perf_counter()
     if args.gpu:
         model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)

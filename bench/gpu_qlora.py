@@ -46,6 +46,8 @@ class BenchArguments:
     peak_tflops: float | None = field(default=None, metadata={
         "help": "The GPU's dense bf16 peak TFLOPS for MFU; default from the device name."})
     output: str | None = field(default=None, metadata={"help": "Also write the results as JSON here."})
+    tokenizer: str = field(default="embedded", metadata={
+        "help": "Tokenizer dir ('embedded': SmolLM2's; scripts/gpu_wheels.sh saves it for a bare GPU machine)."})
 
 
 def phi2_config(vocab_size: int):
@@ -145,7 +147,7 @@ def main(args: BenchArguments) -> dict:
 
     name = torch.cuda.get_device_name()
     tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    tokenizer = load_tokenizer("embedded")
+    tokenizer = load_tokenizer(args.tokenizer)
     sft_data, dpo_data = datasets_for(tokenizer, args, n_rows=args.batch_size * (args.steps + 2))
     results = {"device": name, "peak_tflops": tflops, "seq_len": args.seq_len, "batch_size": args.batch_size}
     for model_name in args.models:
