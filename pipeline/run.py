@@ -172,7 +172,8 @@ def main(args: PipelineArguments) -> dict:
 
     def mean_prompt(out):
         train = d / "split" / "train.parquet"
-        run.script("mean_prompt", "reward/mean_prompt.py", "--prompts", "bank", train, "--max_steps",
+        # train prompts only: the bank holds the held-out prompts too (the bundled rewrites use bank prompts)
+        run.script("mean_prompt", "reward/mean_prompt.py", "--prompts", train, "--max_steps",
                    args.knob("mean_prompt_steps"), "--scorer", args.scorer, "--output", out / "mean_prompt.json",
                    *seed)
 
@@ -186,6 +187,7 @@ def main(args: PipelineArguments) -> dict:
     def candidates(out):
         run.script("candidates", "data_generation/candidates.py", "--config", args.candidates_recipe,
                    "--triplets", d / "split" / "train.parquet", "--policy_adapter", d / "sft",
+                   "--bank", d / "split" / "train.parquet",  # negatives from train prompts: none held out
                    "--num_samples", args.knob("policy_samples"),
                    "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--scorer", args.scorer,
                    *(["--limit", limit] if (limit := args.knob("candidate_triplets")) else []), "--output_dir", out,

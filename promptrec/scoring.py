@@ -125,7 +125,8 @@ class Scorer:
     """Embeds texts with a sentence-transformers model (batched, on GPU when present) and scores them by SCS.
 
     Each distinct string is embedded once per Scorer (an in-memory cache keyed by text); with ``cache_dir`` the
-    vectors also persist across runs in ``cache_dir/embeddings.sqlite``, keyed by (model, text).
+    vectors also persist across runs in ``cache_dir/embeddings.sqlite``, keyed by (model, text), committed per
+    embedding batch (``batch_size`` strings), so a killed run keeps every batch it finished.
     ``n_embedded`` counts the strings the model actually embedded. ``identity`` goes into every output that
     carries scores.
     """
@@ -167,9 +168,9 @@ class Scorer:
         return self._model
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        show = self.show_progress if self.show_progress is not None else len(texts) > 20 * self.batch_size
+        """One embedding batch (``len(texts) <= batch_size``), shape (n, d)."""
         vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=show)
+                                    normalize_embeddings=True, show_progress_bar=False)
         self.n_embedded += len(texts)
         return np.asarray(vectors, dtype=np.float32)
 
@@ -188,12 +189,21 @@ class Scorer:
             found = self._disk.get(missing)
             missing = [t for t in missing if t not in found]
         if missing:
-            # Longest first keeps padding low inside each batch.
+            # Longest first keeps padding low inside each batch. Each batch is committed to disk as it comes, so a
+            # run killed in a long encode keeps what it has embedded so far.
             missing.sort(key=len, reverse=True)
-            vectors = self._embed(missing)
-            found.update(zip(missing, vectors))
-            if cache and self._disk is not None:
-                self._disk.put(missing, vectors)
+            starts = range(0, len(missing), self.batch_size)
+            show = self.show_progress if self.show_progress is not None else len(missing) > 20 * self.batch_size
+            if show:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="embed", unit="batch")
+            for start in starts:
+                batch = missing[start:start + self.batch_size]
+                vectors = self._embed(batch)
+                found.update(zip(batch, vectors))
+                if cache and self._disk is not None:
+                    self._disk.put(batch, vectors)
         if cache:
             self._memory.update(found)
         return np.stack([self._memory[t] if t in self._memory else found[t] for t in texts])

@@ -96,6 +96,36 @@ def test_disk_cache_carries_vectors_across_scorers(tmp_path):
     assert third.n_embedded == 1  # cache=False stored nothing
 
 
+_KILLED_IN_ENCODE = """
+import os, signal, sys
+from promptrec.scoring import Scorer
+
+scorer = Scorer("embedded", batch_size=2, cache_dir=sys.argv[1])
+embed, calls = scorer._embed, []
+
+def embed_then_die(texts):
+    calls.append(texts)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed in the 2nd embedding batch, as a killed job dies
+    return embed(texts)
+
+scorer._embed = embed_then_die
+scorer.encode(sys.argv[2:])
+"""
+
+
+def test_disk_cache_keeps_the_batches_finished_before_a_kill(tmp_path):
+    texts = ["Rewrite this as a long, winding epic poem.", "Make it a sonnet please.", "As a tweet.", "Haiku."]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_IN_ENCODE, str(tmp_path), *texts], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after = Scorer("embedded", cache_dir=str(tmp_path))
+    after.encode(texts[:2])  # the first batch (longest first): committed before the kill
+    assert after.n_embedded == 0
+    after.encode(texts[2:])  # the batch being embedded when it died: not there
+    assert after.n_embedded == 2
+
+
 def test_auto_falls_back_to_embedded_with_a_warning(monkeypatch, caplog):
     def unreachable(name):
         raise ModelNotFoundError(f"{name} unreachable")
