@@ -44,3 +44,24 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done before, skipped") == 9
     assert "$ " not in second.stderr  # no stage command was started again
+
+
+def test_readme_pipeline_commands_and_configs_parse():
+    """Every `pipeline/run.py` command in README.md and every pipeline config parses with the pipeline's parser."""
+    import shlex
+
+    from promptrec.cli import parse_args
+
+    sys.path.insert(0, str(REPO / "pipeline"))
+    from stage_helpers import load_script
+
+    cls = load_script("pipeline/run.py").PipelineArguments
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line.split("pipeline/run.py", 1)[1].split("#")[0]) for line in text.splitlines()
+                if "pipeline/run.py --config" in line and line.lstrip().startswith(".venv/bin/python")]
+    commands += [["--config", str(p)] for p in sorted((REPO / "pipeline" / "configs").glob("*.yaml"))]
+    assert len(commands) >= 7
+    for argv in commands:
+        (args,) = parse_args(cls, args=argv)
+        for recipe in (args.sft_recipe, args.candidates_recipe, args.pairs_recipe, args.dpo_recipe):
+            assert (REPO / recipe).is_file(), recipe
