@@ -21,13 +21,13 @@ from promptrec.tables import write_json
 # "full" is for a GPU (all triplets, real training lengths).
 SIZES = {
     "tiny": {"max_triplets": 16, "rewrite_new_tokens": 48, "max_heldout": 6, "mean_prompt_steps": 2,
-             "sft_steps": 2, "dpo_steps": 2, "policy_samples": 2, "eval_samples": 4,
+             "sft_steps": 2, "dpo_steps": 2, "grpo_steps": 1, "policy_samples": 2, "eval_samples": 4,
              "candidate_triplets": 12},
     "small": {"max_triplets": 120, "rewrite_new_tokens": 96, "max_heldout": 120, "mean_prompt_steps": 8,
-              "sft_steps": 40, "dpo_steps": 16, "policy_samples": 4, "eval_samples": 16,
+              "sft_steps": 40, "dpo_steps": 16, "grpo_steps": 8, "policy_samples": 4, "eval_samples": 16,
               "candidate_triplets": 64},
     "full": {"max_triplets": None, "rewrite_new_tokens": 320, "max_heldout": 1000, "mean_prompt_steps": 16,
-             "sft_steps": 1500, "dpo_steps": 600, "policy_samples": 6, "eval_samples": 500,
+             "sft_steps": 1500, "dpo_steps": 600, "grpo_steps": 300, "policy_samples": 6, "eval_samples": 500,
              "candidate_triplets": None},
 }
 
@@ -40,6 +40,7 @@ DESCRIPTIONS = {
     "SFT adapter": "QLoRA/LoRA supervised fine-tuning on the train triplets (sft/train.py), greedy",
     "DPO adapter": "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy",
     "DPO adapter + mean prompt": "the DPO adapter's prediction with the mean prompt appended, as top solutions did",
+    "GRPO adapter": "the SFT adapter trained online with the SCS reward on its own samples (dpo/grpo.py), greedy",
 }
 
 
@@ -67,6 +68,8 @@ def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[
         "DPO adapter": dpo,
         "DPO adapter + mean prompt": [postprocess(p, with_mean) for p in dpo],
     }
+    if (run_dir / "predict" / "grpo.csv").exists():
+        methods["GRPO adapter"] = preds("grpo")
     return truth, methods
 
 

@@ -8,11 +8,12 @@
 
 Stages (each its own entry script, run as a subprocess with its own recipe plus overrides): rewrite (or read
 ``--triplets``) → split (by prompt cluster: near-duplicates of a held-out prompt are never trained on) → mean prompt
-→ SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → predictions on the held-out
-split (base zero-shot, SFT, DPO) → report. The model, tokenizer, chat template and text budget are decided once,
-by the SFT stage (``--model``, ``--max_text_tokens``), and recorded in its ``run_config.json``: candidates, pairs,
-DPO and predict read them back from there. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run
-skips it (``--force`` names stages to redo). Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
+→ SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → GRPO (with a
+``grpo_recipe``) → predictions on the held-out split (base zero-shot, SFT, DPO, GRPO) → report. The model,
+tokenizer, chat template and text budget are decided once, by the SFT stage (``--model``,
+``--max_text_tokens``), and recorded in its ``run_config.json``: candidates, pairs, DPO, GRPO and predict read them
+back from there. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run skips it (``--force`` names
+stages to redo). ``--until`` stops after a stage. Outputs: ``<run_dir>/report.md``, ``report.png``, ``report.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from promptrec.triplets import read_triplets
 
 logger = logging.getLogger("pipeline")
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "predict", "report")
+STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "grpo", "predict", "report")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class PipelineArguments:
         "help": "Candidates recipe."})
     pairs_recipe: str = field(default="data_generation/configs/pairs_smollm2.yaml", metadata={"help": "Pairs recipe."})
     dpo_recipe: str = field(default="dpo/configs/smollm2.yaml", metadata={"help": "DPO recipe."})
+    grpo_recipe: str | None = field(default=None, metadata={
+        "help": "GRPO recipe (online RL on the SCS reward from the SFT adapter, dpo/grpo.py); unset: the stage is "
+                "skipped (on 2 CPU cores a GRPO step takes minutes)."})
     max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
     split_by: str = field(default="cluster", metadata={
@@ -75,6 +79,7 @@ class PipelineArguments:
     extra: list[str] = field(default_factory=list, metadata={
         "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
+    until: str = field(default="report", metadata={"help": "Stop after this stage (e.g. sft), leaving the rest."})
     seed: int = field(default=42, metadata={"help": "Seed passed to every stage."})
 
     def __post_init__(self):
@@ -87,6 +92,8 @@ class PipelineArguments:
         unknown = set(self.force) - set(STAGES) - {"all"}
         if unknown:
             raise ValueError(f"unknown stage(s) in --force: {sorted(unknown)}")
+        if self.until not in STAGES:
+            raise ValueError(f"until must be one of {', '.join(STAGES)}, not {self.until!r}")
 
     def training_cli(self) -> list[str]:
         """Overrides every trainer gets: the CPU when there is no GPU (GPU recipes included: TrainingArguments
@@ -205,9 +212,19 @@ def main(args: PipelineArguments) -> dict:
                    args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"), *args.training_cli(),
                    *seed)
 
+    def grpo(out):
+        if not args.grpo_recipe:
+            print("no grpo_recipe: GRPO skipped", flush=True)
+            return
+        run.script("grpo", "dpo/grpo.py", "--config", args.grpo_recipe, "--sft_adapter", d / "sft", "--max_steps",
+                   args.knob("grpo_steps"), "--scorer", args.scorer, "--output_dir", out, "--eval_scs_samples",
+                   args.knob("eval_samples"), *args.training_cli(), *seed)
+
     def predict(out):
         test = d / "split" / "test.csv"
-        for name, adapter in (("base", None), ("sft", d / "sft"), ("dpo", d / "dpo")):
+        adapters = [("base", None), ("sft", d / "sft"), ("dpo", d / "dpo")]
+        adapters += [("grpo", d / "grpo")] if (d / "grpo" / "adapter_config.json").exists() else []
+        for name, adapter in adapters:
             # an adapter brings its base model and text budget (run_config.json); the base alone is told them
             policy = ["--adapter", adapter] if adapter else ["--model", args.model, "--max_text_tokens",
                                                              args.max_text_tokens]
@@ -217,11 +234,18 @@ def main(args: PipelineArguments) -> dict:
     def report(out):
         build_report(d, args.scorer, out_dir=d)
 
-    for stage, fn in zip(STAGES, (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, predict, report)):
+    for stage, fn in zip(STAGES, (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, grpo, predict, report)):
         run.stage(stage, fn)
+        if stage == args.until:
+            break
     timings_file = d / "timings.json"
     timings = json.loads(timings_file.read_text())["timings_s"] if timings_file.exists() else {}
-    write_json({"timings_s": {**timings, **run.timings}}, timings_file)
+    timings = {**timings, **run.timings}
+    write_json({"timings_s": timings}, timings_file)
+    print("\nStage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+          + f"; total {sum(timings.values()) / 60:.1f} min", flush=True)
+    if args.until != "report":
+        return {"run_dir": str(d), "timings": run.timings}
     table = [line for line in (d / "report.md").read_text().splitlines() if line.startswith("|")]
     print(f"\nHeld-out comparison ({d / 'report.md'}):\n" + "\n".join(table), flush=True)
     return {"run_dir": str(d), "timings": run.timings}

@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# GRPO at its smallest: 2 answers of 8 tokens per prompt, one step (the stage, its adapter and its report row)
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
-            "--size", "tiny"]
-METHODS = 6  # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt
+            "--size", "tiny", "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra",
+            "grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+            "--max_completion_length 8"]
+METHODS = 7  # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, GRPO
 
 
 @pytest.mark.slow
@@ -30,19 +33,19 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert (run_dir / "report.png").stat().st_size > 0
     md = (run_dir / "report.md").read_text()
     assert md.count("\n| ") >= METHODS + 1
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "grpo"):
         assert (run_dir / stage / "adapter_config.json").exists()
     heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
     trained = set(pd.read_parquet(run_dir / "split" / "train.parquet").rewrite_prompt)
     assert heldout and not heldout & trained
-    for name in ("base", "sft", "dpo"):
+    for name in ("base", "sft", "dpo", "grpo"):
         sub = pd.read_csv(run_dir / "predict" / f"{name}.csv")
         assert sub.rewrite_prompt.fillna("").str.strip().str.len().min() > 0
 
     second = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
                             check=False)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done before, skipped") == 9
+    assert second.stdout.count("done before, skipped") == 10
     assert "$ " not in second.stderr  # no stage command was started again
 
 
@@ -63,5 +66,22 @@ def test_readme_pipeline_commands_and_configs_parse():
     assert len(commands) >= 7
     for argv in commands:
         (args,) = parse_args(cls, args=argv)
-        for recipe in (args.sft_recipe, args.candidates_recipe, args.pairs_recipe, args.dpo_recipe):
+        for recipe in (args.sft_recipe, args.candidates_recipe, args.pairs_recipe, args.dpo_recipe,
+                       args.grpo_recipe or args.dpo_recipe):
             assert (REPO / recipe).is_file(), recipe
+
+
+@pytest.mark.slow
+def test_generation_path_feeds_the_pipeline(tmp_path, embedded_model_dir):
+    """pipeline/configs/smollm2_generate.yaml: the embedded model writes the rewrites the later stages split."""
+    run_dir = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), "--config",
+                           "pipeline/configs/smollm2_generate.yaml", "--size", "tiny", "--until", "split",
+                           "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rewrites = pd.read_parquet(run_dir / "rewrite" / "triplets.parquet")
+    manifest = json.loads((run_dir / "rewrite" / "triplets.parquet.manifest.json").read_text())
+    assert manifest["generator"] == "embedded" and len(rewrites) == manifest["rows"] > 0
+    split = pd.concat([pd.read_parquet(run_dir / "split" / f"{s}.parquet") for s in ("train", "heldout")])
+    assert set(split["id"]) <= set(rewrites["id"]) and not (run_dir / "mean_prompt").exists()
+    assert "Stage times (s): rewrite" in proc.stdout

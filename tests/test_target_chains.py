@@ -35,6 +35,8 @@ def test_standalone_recipes_hand_off_to_each_other(target):
     cands = recipe(chain["candidates_recipe"])
     pairs = recipe(chain["pairs_recipe"])
     dpo = recipe(chain["dpo_recipe"])
+    grpo = recipe(chain["grpo_recipe"])
+    assert grpo["sft_adapter"] == sft["output_dir"] and "model_name_or_path" not in grpo
     assert sft["triplets"] == rewrite["output"] == cands["triplets"]
     assert cands["policy_adapter"] == sft["output_dir"] == dpo["sft_adapter"]
     assert pairs["candidates"] == f"{cands['output_dir']}/candidates.parquet"
@@ -75,7 +77,7 @@ def test_target_pipeline_runs_end_to_end_at_tiny_shapes(tmp_path, target, embedd
     assert cands["policy"]["max_text_tokens"] == budget and cands["policy"]["load_in_4bit"]
     pairs = json.loads((run_dir / "pairs" / "summary.json").read_text())
     assert pairs["max_text_tokens"] == budget and pairs["tokenizer"] == str(run_dir / "sft")
-    assert len(json.loads((run_dir / "report.json").read_text())["rows"]) == 6
+    assert len(json.loads((run_dir / "report.json").read_text())["rows"]) == 7  # GRPO included
 
     # the notebook's code path (predict_file with an adapter folder and nothing else)
     test = run_dir / "split" / "test.csv"

@@ -1,0 +1,171 @@
+"""Online preference optimisation of the SFT adapter with the competition metric as the reward (TRL ``GRPOTrainer``).
+
+For each recovery prompt the policy samples ``num_generations`` answers; each answer is cleaned as inference cleans it
+and scored by SCS against the true prompt (``promptrec.rewards.scs_reward``; unusable answers get -1); GRPO pushes
+the policy towards the answers that beat their group's mean. An optional length penalty joins it with its own
+weight (``--length_penalty_weight``). The prompts are the SFT run's train split (``split.json``) unless
+``--triplets`` is given. At the end the GRPO adapter and the SFT adapter are scored by greedy SCS on the same eval
+triplets (the SFT run's eval split unless ``--eval_triplets`` is given), as dpo/train.py does.
+
+    python dpo/grpo.py --config dpo/configs/grpo_smollm2.yaml
+    accelerate launch --config_file dpo/accelerate/multi_cpu.yaml dpo/grpo.py --config dpo/configs/grpo_smollm2.yaml
+    accelerate launch --config_file dpo/accelerate/ddp.yaml dpo/grpo.py --config dpo/configs/grpo_mistral7b_qlora.yaml
+
+``beta`` (the KL weight) defaults to 0, TRL's default: no reference forward pass per step. With ``beta > 0`` TRL 1.16
+(with peft >= 0.20) copies the loaded SFT adapter into a frozen adapter "ref", so the KL anchor is the SFT policy.
+
+Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, metrics.json (train
+rewards, SCS of GRPO and SFT), curves.png, eval_predictions.jsonl, completions/ (sampled answers with their rewards,
+with ``log_completions``). ``inference/predict.py --adapter <output_dir>`` loads it like an SFT or DPO run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.models import load_tokenizer
+from promptrec.rewards import length_penalty, scs_reward
+from promptrec.tables import DataError
+from promptrec.templates import recovery_messages
+from promptrec.training import (
+    EvalArguments,
+    eval_triplets_of_split,
+    inherit_from_sft,
+    load_base,
+    read_split_triplets,
+    resolve_resume,
+    run_config,
+    save_run,
+    scs_eval,
+)
+
+logger = logging.getLogger("grpo")
+
+
+@dataclass
+class GRPOScriptArguments(EvalArguments):
+    """Data, reward and eval settings of the GRPO stage (training settings are TRL's GRPOConfig)."""
+
+    sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
+        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
+                "and max_text_tokens when not set here; its split.json gives the train prompts and eval triplets."})
+    triplets: str | None = field(default=None, metadata={
+        "help": "Triplet file whose rows become the prompts (id, original_text, rewrite_prompt, rewritten_text); "
+                "default: the SFT run's train split (split.json)."})
+    max_train_triplets: int | None = field(default=None, metadata={"help": "Use a seeded sample of this many."})
+    eval_triplets: str | None = field(default=None, metadata={
+        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget per text in the recovery prompt; default: the SFT run's."})
+    length_penalty_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the length penalty beside the SCS reward's 1.0 (GRPOConfig reward_weights); 0: off."})
+    length_penalty_words: int = field(default=20, metadata={
+        "help": "The length penalty is 0 up to this many words and -1 from twice as many."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.length_penalty_weight < 0 or self.length_penalty_words < 1:
+            raise ValueError("length_penalty_weight must be >= 0 and length_penalty_words >= 1")
+
+
+def split_triplets(split_path: Path, part: str) -> pd.DataFrame:
+    """The ``part`` ("train" or "eval") triplets of an SFT run's ``split.json``, re-read from its source file."""
+    if part == "eval":
+        return eval_triplets_of_split(split_path)
+    split = json.loads(split_path.read_text(encoding="utf-8"))
+    df = read_split_triplets(split["source"], split.get("producers", ()))
+    rows = df[df["id"].isin(set(split["train_ids"]))]
+    if rows.empty:
+        raise DataError(f"{split['source']}: none of the train ids of {split_path} are there")
+    return rows.reset_index(drop=True)
+
+
+def prompt_dataset(df: pd.DataFrame, tokenizer, max_text_tokens: int | None):
+    """GRPO rows: ``prompt`` (the recovery chat, one user turn) and the columns the reward reads: ``rewrite_prompt``
+    (the truth), ``original_text`` and ``rewritten_text`` (so a copy of the input is unusable, as at inference)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"id": str(r.id), "prompt": recovery_messages(r.original_text, r.rewritten_text,
+                                                                            tokenizer, max_text_tokens),
+                               "rewrite_prompt": str(r.rewrite_prompt), "original_text": str(r.original_text),
+                               "rewritten_text": str(r.rewritten_text)} for r in df.itertuples(index=False)])
+
+
+def reward_functions(script_args: GRPOScriptArguments, training_args: GRPOConfig) -> list:
+    """The SCS reward, plus the length penalty when it has a weight (set into ``training_args.reward_weights``)."""
+    scorer = script_args.build(show_progress=False)
+    funcs = [scs_reward(scorer)]
+    if script_args.length_penalty_weight > 0:
+        funcs.append(length_penalty(script_args.length_penalty_words))
+        if training_args.reward_weights is None:
+            training_args.reward_weights = [1.0, script_args.length_penalty_weight]
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(funcs):
+        raise ValueError(f"reward_weights {training_args.reward_weights} for {len(funcs)} reward function(s) "
+                         f"({', '.join(f.__name__ for f in funcs)})")
+    return funcs
+
+
+def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> GRPOTrainer:
+    # ---------------------------------------------------------------------------------------------- setup
+    setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    sft_config = inherit_from_sft(script_args, model_args)
+    logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
+    output_dir = Path(training_args.output_dir)
+    split = Path(script_args.sft_adapter) / "split.json"
+
+    # ------------------------------------------------------------------------------------ model & tokenizer
+    tokenizer = load_tokenizer(script_args.sft_adapter)  # saved by the SFT run, chat template included
+    model = load_base(model_args, adapter=script_args.sft_adapter, is_trainable=True)
+
+    # -------------------------------------------------------------------------------------------- dataset
+    if script_args.triplets:
+        df = read_split_triplets(script_args.triplets)
+    elif split.exists():
+        df = split_triplets(split, "train")
+    else:
+        raise FileNotFoundError(f"No {split} and no --triplets: nothing to take the prompts from")
+    if script_args.max_train_triplets and script_args.max_train_triplets < len(df):
+        df = df.sample(n=script_args.max_train_triplets, random_state=training_args.seed)
+    train_ds = prompt_dataset(df, tokenizer, script_args.max_text_tokens)
+    logger.info("%d train prompts x %d generations; sample:\n%s\n→ %s", len(train_ds), training_args.num_generations,
+                train_ds[0]["prompt"][-1]["content"], train_ds[0]["rewrite_prompt"])
+    scs_df = None
+    if script_args.eval_scs_samples:
+        if script_args.eval_triplets:
+            scs_df = read_split_triplets(script_args.eval_triplets).head(script_args.eval_scs_samples)
+        elif split.exists():
+            scs_df = split_triplets(split, "eval").head(script_args.eval_scs_samples)
+        else:
+            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
+
+    # -------------------------------------------------------------------------------------------- trainer
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(script_args, training_args), args=training_args,
+                          train_dataset=train_ds, processing_class=tokenizer)
+
+    # ---------------------------------------------------------------------------------------------- train
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = {"train": result.metrics}
+
+    # ----------------------------------------------------------------------------------------- SCS & save
+    if scs_df is not None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if "ref" not in model.peft_config:  # with beta > 0 TRL keeps a frozen SFT copy as "ref"; else load it
+            model.load_adapter(script_args.sft_adapter, adapter_name="ref", is_trainable=False)
+        metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, {"grpo": "default", "sft": "ref"},
+                                  trainer.accelerator, output_dir / "eval_predictions.jsonl")
+    config = run_config("grpo", script_args, training_args, model_args, sft_run=sft_config)
+    save_run(trainer, config, metrics, panels=[("reward",), ("rewards/scs/mean",), ("completions/mean_length",),
+                                               ("loss",)])
+    logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("train", "scs") if k in metrics})
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(*parse_args(GRPOScriptArguments, GRPOConfig, ModelConfig)))
