@@ -35,8 +35,7 @@ from promptrec.rewards import length_penalty, scs_reward
 from promptrec.tables import DataError
 from promptrec.templates import recovery_messages
 from promptrec.training import (
-    EvalArguments,
-    eval_triplets_of_split,
+    FromSFTArguments,
     inherit_from_sft,
     load_base,
     read_split_triplets,
@@ -44,26 +43,20 @@ from promptrec.training import (
     run_config,
     save_run,
     scs_eval,
+    sft_eval_triplets,
 )
 
 logger = logging.getLogger("grpo")
 
 
 @dataclass
-class GRPOScriptArguments(EvalArguments):
+class GRPOScriptArguments(FromSFTArguments):
     """Data, reward and eval settings of the GRPO stage (training settings are TRL's GRPOConfig)."""
 
-    sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
-        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
-                "and max_text_tokens when not set here; its split.json gives the train prompts and eval triplets."})
     triplets: str | None = field(default=None, metadata={
         "help": "Triplet file whose rows become the prompts (id, original_text, rewrite_prompt, rewritten_text); "
                 "default: the SFT run's train split (split.json)."})
     max_train_triplets: int | None = field(default=None, metadata={"help": "Use a seeded sample of this many."})
-    eval_triplets: str | None = field(default=None, metadata={
-        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
-    max_text_tokens: int | None = field(default=None, metadata={
-        "help": "Token budget per text in the recovery prompt; default: the SFT run's."})
     length_penalty_weight: float = field(default=0.0, metadata={
         "help": "Weight of the length penalty beside the SCS reward's 1.0 (GRPOConfig reward_weights); 0: off."})
     length_penalty_words: int = field(default=20, metadata={
@@ -75,10 +68,8 @@ class GRPOScriptArguments(EvalArguments):
             raise ValueError("length_penalty_weight must be >= 0 and length_penalty_words >= 1")
 
 
-def split_triplets(split_path: Path, part: str) -> pd.DataFrame:
-    """The ``part`` ("train" or "eval") triplets of an SFT run's ``split.json``, re-read from its source file."""
-    if part == "eval":
-        return eval_triplets_of_split(split_path)
+def train_triplets_of_split(split_path: Path) -> pd.DataFrame:
+    """The train triplets of an SFT run's ``split.json``, re-read from its source file."""
     split = json.loads(split_path.read_text(encoding="utf-8"))
     df = read_split_triplets(split["source"], split.get("producers", ()))
     rows = df[df["id"].isin(set(split["train_ids"]))]
@@ -128,7 +119,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     if script_args.triplets:
         df = read_split_triplets(script_args.triplets)
     elif split.exists():
-        df = split_triplets(split, "train")
+        df = train_triplets_of_split(split)
     else:
         raise FileNotFoundError(f"No {split} and no --triplets: nothing to take the prompts from")
     if script_args.max_train_triplets and script_args.max_train_triplets < len(df):
@@ -136,14 +127,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     train_ds = prompt_dataset(df, tokenizer, script_args.max_text_tokens)
     logger.info("%d train prompts x %d generations; sample:\n%s\n→ %s", len(train_ds), training_args.num_generations,
                 train_ds[0]["prompt"][-1]["content"], train_ds[0]["rewrite_prompt"])
-    scs_df = None
-    if script_args.eval_scs_samples:
-        if script_args.eval_triplets:
-            scs_df = read_split_triplets(script_args.eval_triplets).head(script_args.eval_scs_samples)
-        elif split.exists():
-            scs_df = split_triplets(split, "eval").head(script_args.eval_scs_samples)
-        else:
-            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
+    scs_df = sft_eval_triplets(script_args)
 
     # -------------------------------------------------------------------------------------------- trainer
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(script_args, training_args), args=training_args,

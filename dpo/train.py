@@ -26,18 +26,17 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
 from promptrec.training import (
-    EvalArguments,
+    FromSFTArguments,
     check_pairs_format,
-    eval_triplets_of_split,
     inherit_from_sft,
     load_base,
     read_pairs,
-    read_split_triplets,
     resolve_resume,
     rows_consumed,
     run_config,
     save_run,
     scs_eval,
+    sft_eval_triplets,
     share_across_ranks,
 )
 
@@ -45,12 +44,9 @@ logger = logging.getLogger("dpo")
 
 
 @dataclass
-class DPOScriptArguments(EvalArguments):
+class DPOScriptArguments(FromSFTArguments):
     """Data and eval settings of the DPO stage (training settings are TRL's DPOConfig, the model's ModelConfig)."""
 
-    sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
-        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
-                "and max_text_tokens when not set here; its split.json gives the SCS eval triplets."})
     train_pairs: str = field(default="checkpoints/data/smollm2/pairs/train.jsonl", metadata={
         "help": "Preference pairs in TRL's conversational format (prompt, chosen, rejected; .jsonl/.parquet)."})
     eval_pairs: str | None = field(default=None, metadata={
@@ -59,30 +55,11 @@ class DPOScriptArguments(EvalArguments):
         "help": "Use a seeded sample of this many pairs. With max_steps, at most the pairs those steps reach are "
                 "sampled anyway (so precompute_ref_log_probs covers only what is trained on)."})
     max_eval_pairs: int | None = field(default=64, metadata={"help": "Cap on the eval pairs."})
-    eval_triplets: str | None = field(default=None, metadata={
-        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
-    max_text_tokens: int | None = field(default=None, metadata={
-        "help": "Token budget per text in the recovery prompt; default: the SFT run's (it must match the pairs')."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.eval_pairs is not None and self.eval_pairs.strip().lower() in ("", "none"):
             self.eval_pairs = None
-
-
-def scs_eval_triplets(script_args: DPOScriptArguments):
-    """The SCS eval triplets: ``--eval_triplets`` or the SFT run's saved eval split (capped)."""
-    if script_args.eval_scs_samples == 0:
-        return None
-    if script_args.eval_triplets:
-        df = read_split_triplets(script_args.eval_triplets)
-    else:
-        split = Path(script_args.sft_adapter) / "split.json"
-        if not split.exists():
-            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
-            return None
-        df = eval_triplets_of_split(split)
-    return df.head(script_args.eval_scs_samples)
 
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
@@ -109,7 +86,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     train_ds = share_across_ranks(train_ds, shared / "train", training_args)
     eval_ds = share_across_ranks(eval_ds, shared / "eval", training_args) if eval_ds is not None else None
     logger.info("%d train pairs, %d eval pairs; sample:\n%s", len(train_ds), len(eval_ds or []), train_ds[0])
-    scs_df = scs_eval_triplets(script_args)
+    scs_df = sft_eval_triplets(script_args)
 
     # -------------------------------------------------------------------------------------------- trainer
     trainer = DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=train_ds,

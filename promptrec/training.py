@@ -65,6 +65,36 @@ class EvalArguments(ScorerArguments):
             raise ValueError("eval_scs_samples must be >= 0, gen_batch_size and max_new_tokens >= 1")
 
 
+@dataclass
+class FromSFTArguments(EvalArguments):
+    """What the stages that continue an SFT run share (dpo/train.py, dpo/grpo.py): the run, its text budget, and
+    the triplets of the SCS eval."""
+
+    sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
+        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
+                "and max_text_tokens when not set here; its split.json gives the train and SCS eval triplets."})
+    eval_triplets: str | None = field(default=None, metadata={
+        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget per text in the recovery prompt; default: the SFT run's (pairs must match it)."})
+
+
+def sft_eval_triplets(script_args: FromSFTArguments) -> pd.DataFrame | None:
+    """The SCS eval triplets: ``--eval_triplets`` or the SFT run's saved eval split, capped at
+    ``eval_scs_samples`` (None when the eval is off or there is no split)."""
+    if script_args.eval_scs_samples == 0:
+        return None
+    if script_args.eval_triplets:
+        df = read_split_triplets(script_args.eval_triplets)
+    else:
+        split = Path(script_args.sft_adapter) / "split.json"
+        if not split.exists():
+            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
+            return None
+        df = eval_triplets_of_split(split)
+    return df.head(script_args.eval_scs_samples)
+
+
 # ------------------------------------------------------------------------------------------------ model & LoRA
 def default_lora_targets(model_type: str) -> list[str]:
     """The attention + MLP projections of an architecture (``config.model_type``)."""

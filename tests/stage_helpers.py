@@ -124,3 +124,41 @@ def tiny_target_checkpoint(arch: str, path: Path) -> Path:
     if arch == "phi":  # save_pretrained keeps no template when there is none, but make sure of it
         (path / "chat_template.jinja").unlink(missing_ok=True)
     return path
+
+
+def make_sft_run(root: Path, max_text_tokens: int, lora_init_std: float = 0.0) -> Path:
+    """``root/run``: a folder laid out like an sft/train.py run on tests/conftest.TINY_TRIPLETS (written to
+    ``root/triplets.jsonl``): a LoRA adapter of the smollm2 recipe's shape (``lora_B`` drawn with
+    ``lora_init_std`` > 0 so it differs from the base), tokenizer, run_config.json and split.json."""
+    import pandas as pd
+    from conftest import TINY_TRIPLETS
+    from peft import get_peft_model
+    from trl import ModelConfig, SFTConfig
+
+    from promptrec.cli import parse_args
+    from promptrec.models import load_model, load_tokenizer
+    from promptrec.splits import split_frame
+    from promptrec.tables import write_json
+    from promptrec.training import lora_config, write_split
+
+    triplets = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r}
+                             for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
+    triplets.to_json(root / "triplets.jsonl", orient="records", lines=True)
+    run = root / "run"
+    _, _, model_args = parse_args(load_script("sft/train.py").SFTScriptArguments, SFTConfig, ModelConfig,
+                                  args=["--config", str(REPO / "sft/configs/smollm2.yaml")])
+    base = load_model("embedded", dtype="float32")
+    model = get_peft_model(base, lora_config(model_args, base))
+    if lora_init_std:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, lora_init_std)
+    model.save_pretrained(run)
+    load_tokenizer("embedded").save_pretrained(run)
+    write_json({"stage": "sft", "model_name_or_path": "embedded", "max_text_tokens": max_text_tokens},
+               run / "run_config.json")
+    train, evaluation = split_frame(triplets, 0.25, "id", seed=0)
+    write_split(run / "split.json", str(root / "triplets.jsonl"), [], "id", 0.25, 0, train, evaluation)
+    return run

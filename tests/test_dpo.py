@@ -17,14 +17,12 @@ from stage_helpers import (
     assert_same_base,
     count_training_steps,
     load_script,
+    make_sft_run,
     run_killed_at_step,
 )
 
 from promptrec.cli import parse_args
-from promptrec.splits import split_frame
-from promptrec.tables import write_json
 from promptrec.templates import recovery_answer, recovery_messages
-from promptrec.training import lora_config, write_split
 
 RECIPE = str(REPO / "dpo" / "configs" / "smollm2.yaml")
 MAX_TEXT_TOKENS = 16
@@ -32,29 +30,12 @@ MAX_TEXT_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, embedded_model_dir):
-    """A folder laid out like an sft/train.py run: a LoRA adapter (the smollm2 recipe's shape), tokenizer,
-    run_config.json, and split.json over a tiny triplet file (first rows of tests/conftest.TINY_TRIPLETS)."""
+    """A folder laid out like an sft/train.py run (stage_helpers.make_sft_run), and pairs over its triplets."""
     import pandas as pd
-    from conftest import TINY_TRIPLETS
-    from peft import get_peft_model
-    from trl import ModelConfig, SFTConfig
-
-    from promptrec.models import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("sft_run")
-    triplets = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r}
-                             for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
-    triplets.to_json(root / "triplets.jsonl", orient="records", lines=True)
-    run = root / "run"
-    _, _, model_args = parse_args(load_script("sft/train.py").SFTScriptArguments, SFTConfig, ModelConfig,
-                                  args=["--config", str(REPO / "sft/configs/smollm2.yaml")])
-    base = load_model("embedded", dtype="float32")
-    get_peft_model(base, lora_config(model_args, base)).save_pretrained(run)
-    load_tokenizer("embedded").save_pretrained(run)
-    write_json({"stage": "sft", "model_name_or_path": "embedded", "max_text_tokens": MAX_TEXT_TOKENS},
-               run / "run_config.json")
-    train, evaluation = split_frame(triplets, 0.25, "id", seed=0)
-    write_split(run / "split.json", str(root / "triplets.jsonl"), [], "id", 0.25, 0, train, evaluation)
+    run = make_sft_run(root, MAX_TEXT_TOKENS)
+    triplets = pd.read_json(root / "triplets.jsonl", lines=True)
 
     # Pairs in TRL's conversational preference format, as data_generation/build_pairs.py writes them.
     pairs = [{"id": row.id, "prompt": recovery_messages(row.original_text, row.rewritten_text, None, MAX_TEXT_TOKENS),

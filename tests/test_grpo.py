@@ -13,14 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from stage_helpers import REPO, assert_same_base, load_script
+from stage_helpers import REPO, assert_same_base, load_script, make_sft_run
 
 from promptrec.cli import parse_args
 from promptrec.rewards import UNUSABLE_REWARD, completion_text, length_penalty, scs_reward
 from promptrec.scoring import Scorer
-from promptrec.splits import split_frame
-from promptrec.tables import write_json
-from promptrec.training import lora_config, write_split
 
 RECIPE = str(REPO / "dpo" / "configs" / "grpo_smollm2.yaml")
 MAX_TEXT_TOKENS = 16
@@ -84,33 +81,7 @@ def test_length_penalty_and_completion_text():
 def sft_run(tmp_path_factory, embedded_model_dir):
     """A folder laid out like an sft/train.py run on the tiny triplets: a LoRA adapter (the smollm2 recipe's shape,
     small random weights so it differs from the base), tokenizer, run_config.json and split.json."""
-    from conftest import TINY_TRIPLETS
-    from peft import get_peft_model
-    from trl import ModelConfig, SFTConfig
-
-    from promptrec.models import load_model, load_tokenizer
-
-    root = tmp_path_factory.mktemp("sft_run")
-    triplets = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r}
-                             for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
-    triplets.to_json(root / "triplets.jsonl", orient="records", lines=True)
-    run = root / "run"
-    _, _, model_args = parse_args(load_script("sft/train.py").SFTScriptArguments, SFTConfig, ModelConfig,
-                                  args=["--config", str(REPO / "sft/configs/smollm2.yaml")])
-    base = load_model("embedded", dtype="float32")
-    model = get_peft_model(base, lora_config(model_args, base))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.01)
-    model.save_pretrained(run)
-    load_tokenizer("embedded").save_pretrained(run)
-    write_json({"stage": "sft", "model_name_or_path": "embedded", "max_text_tokens": MAX_TEXT_TOKENS},
-               run / "run_config.json")
-    train, evaluation = split_frame(triplets, 0.25, "id", seed=0)
-    write_split(run / "split.json", str(root / "triplets.jsonl"), [], "id", 0.25, 0, train, evaluation)
-    return run
+    return make_sft_run(tmp_path_factory.mktemp("sft_run"), MAX_TEXT_TOKENS, lora_init_std=0.01)
 
 
 def grpo_args(sft_run: Path, out: Path, *extra) -> list[str]:
