@@ -53,7 +53,8 @@ class CandidateArguments:
     policy: str | None = field(default=None, metadata={
         "help": "Policy model: hub id, local dir or 'embedded' (default: the adapter's base model, else embedded)."})
     policy_adapter: str | None = field(default=None, metadata={
-        "help": "PEFT adapter on the policy, e.g. checkpoints/sft/<run> (its run_config.json names the base)."})
+        "help": "PEFT adapter on the policy, e.g. checkpoints/sft/<run> (its run_config.json names the base and the "
+                "text budget); 'none' for the base policy alone."})
     load_in_4bit: bool | None = field(default=None, metadata={
         "help": "Load the policy in 4-bit (bitsandbytes). Default: as the adapter's run trained, or 4-bit on CUDA."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32…"})
@@ -82,6 +83,8 @@ class CandidateArguments:
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is present."})
 
     def __post_init__(self):
+        if self.policy_adapter is not None and self.policy_adapter.strip().lower() in ("", "none"):
+            self.policy_adapter = None  # the recipe's adapter turned off: the base policy alone
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
             raise ValueError(f"sources must be some of {SOURCES}, not {self.sources}")

@@ -69,7 +69,8 @@ def pipeline(tmp_path_factory, embedded_model_dir, embedding_cache):
     small = ["--scorer_cache_dir", embedding_cache, "--max_text_tokens", "48"]
     (cand_args,) = parse_args(candidates_py.CandidateArguments, args=[
         "--config", str(REPO / "data_generation/configs/candidates_smollm2.yaml"), "--triplets", str(triplets),
-        "--output_dir", str(out), "--num_samples", "2", "--max_new_tokens", "12", "--n_hard", "2", "--n_random", "2",
+        "--output_dir", str(out), "--policy_adapter", "none", "--num_samples", "2", "--max_new_tokens", "12",
+        "--n_hard", "2", "--n_random", "2",
         *small])
     candidates_py.main(cand_args)
     (pair_args,) = parse_args(build_pairs_py.PairArguments, args=[

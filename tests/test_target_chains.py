@@ -26,10 +26,10 @@ def recipe(path: str) -> dict:
     return yaml.safe_load((REPO / path).read_text())
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [*TARGETS, "smollm2_generate"])
 def test_standalone_recipes_hand_off_to_each_other(target):
     """Each stage's recipe reads what the previous stage's recipe writes (the README's standalone commands)."""
-    chain = recipe(f"pipeline/configs/{target}.yaml")
+    chain = {"grpo_recipe": "dpo/configs/grpo_smollm2.yaml", **recipe(f"pipeline/configs/{target}.yaml")}
     rewrite = recipe(chain["rewrite_recipe"])
     sft = recipe(chain["sft_recipe"])
     cands = recipe(chain["candidates_recipe"])
