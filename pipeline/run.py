@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -119,8 +120,11 @@ class Runner:
         self.args, self.dir = args, Path(args.run_dir)
         self.timings: dict[str, float] = {}
 
+    def forced(self, stage: str) -> bool:
+        return stage in self.args.force or "all" in self.args.force
+
     def done(self, stage: str) -> bool:
-        return (self.dir / stage / "DONE").exists() and stage not in self.args.force and "all" not in self.args.force
+        return (self.dir / stage / "DONE").exists() and not self.forced(stage)
 
     def stage(self, stage: str, fn) -> None:
         number = STAGES.index(stage) + 1
@@ -128,6 +132,8 @@ class Runner:
             print(f"\n=== [{number}/{len(STAGES)}] {stage}: done before, skipped", flush=True)
             return
         print(f"\n=== [{number}/{len(STAGES)}] {stage}", flush=True)
+        if self.forced(stage):  # redo from scratch: resumable parts of the last run must not be reused
+            shutil.rmtree(self.dir / stage, ignore_errors=True)
         (self.dir / stage).mkdir(parents=True, exist_ok=True)
         start = time.time()
         fn(self.dir / stage)

@@ -85,3 +85,15 @@ def test_generation_path_feeds_the_pipeline(tmp_path, embedded_model_dir):
     split = pd.concat([pd.read_parquet(run_dir / "split" / f"{s}.parquet") for s in ("train", "heldout")])
     assert set(split["id"]) <= set(rewrites["id"]) and not (run_dir / "mean_prompt").exists()
     assert "Stage times (s): rewrite" in proc.stdout
+
+
+def test_a_forced_stage_starts_from_an_empty_folder(tmp_path, embedded_model_dir):
+    """--force redoes a stage from scratch: nothing a resumable step left there (old parts) is reused."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml", "--size",
+           "tiny", "--until", "split", "--run_dir", str(run_dir)]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, check=False).returncode == 0
+    stale = run_dir / "split" / "stale.parts"
+    stale.mkdir()
+    again = subprocess.run([*cmd, "--force", "split"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and not stale.exists() and (run_dir / "split" / "DONE").exists()
