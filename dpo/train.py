@@ -110,7 +110,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         shutil.rmtree(shared, ignore_errors=True)
     config = run_config("dpo", script_args, training_args, model_args, sft_run=sft_config)
     save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("rewards/margins", "eval_rewards/margins"),
-                                               ("rewards/accuracies", "eval_rewards/accuracies")])
+                                               ("rewards/accuracies", "eval_rewards/accuracies")],
+             from_run=script_args.sft_adapter)
     logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("eval", "scs") if k in metrics})
     return trainer
 

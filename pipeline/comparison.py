@@ -1,7 +1,9 @@
 """The main job's report: mean SCS on the held-out split for every baseline and adapter, as Markdown + PNG + JSON.
 
 Rows: the constant "Improve the text to this.", the mean prompt, the base model zero-shot, the SFT adapter, the
-DPO adapter, and the DPO adapter with the mean prompt appended (as top competition solutions did).
+DPO adapter, the DPO adapter with the mean prompt appended (as top competition solutions did), and when their stages
+ran: iterative DPO, GRPO, and MBR decoding of the last DPO adapter. Intervals resample prompt clusters when the split
+recorded them (rows that share a prompt are not independent), else rows.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ DESCRIPTIONS = {
     "DPO adapter": "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy",
     "DPO adapter + mean prompt": "the DPO adapter's prediction with the mean prompt appended, as top solutions did",
     "GRPO adapter": "the SFT adapter trained online with the SCS reward on its own samples (dpo/grpo.py), greedy",
+    "iterative DPO adapter": "further DPO rounds, each on the previous round's own samples of fresh train triplets, "
+                             "from that adapter (pipeline --dpo_rounds), greedy",
+    "MBR decoding": "the last DPO adapter's greedy answer, N samples and the mean prompt; the one with the highest "
+                    "mean SCS to the others is submitted (inference/predict.py --selection mbr)",
 }
 
 
 def describe(method: str) -> str:
-    return DESCRIPTIONS.get(method.split(' "')[0], "")
+    return DESCRIPTIONS.get(method.split(' "')[0].split(" (")[0], "")
 
 
 def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
@@ -68,26 +74,47 @@ def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[
         "DPO adapter": dpo,
         "DPO adapter + mean prompt": [postprocess(p, with_mean) for p in dpo],
     }
+    if (run_dir / "predict" / "iterate.csv").exists():
+        rounds = json.loads((run_dir / "pipeline_config.json").read_text()).get("dpo_rounds")
+        methods[f"iterative DPO adapter ({rounds} rounds)"] = preds("iterate")
     if (run_dir / "predict" / "grpo.csv").exists():
         methods["GRPO adapter"] = preds("grpo")
+    if (run_dir / "predict" / "mbr.csv").exists():
+        mbr = json.loads((run_dir / "predict" / "mbr.json").read_text())
+        methods[f"MBR decoding ({mbr['greedy']}, N={mbr['num_candidates']})"] = preds("mbr")
     return truth, methods
 
 
-def paired(scores: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
-    """Mean paired difference ``scores - reference`` (same rows) and its 95% bootstrap interval."""
+def paired(scores: np.ndarray, reference: np.ndarray, groups=None) -> tuple[float, float, float]:
+    """Mean paired difference ``scores - reference`` (same rows) and its 95% bootstrap interval (resampling
+    ``groups`` when given, see :func:`promptrec.evaluation.bootstrap_ci`)."""
     diff = np.asarray(scores) - np.asarray(reference)
-    low, high = bootstrap_ci(diff, seed=0)
+    low, high = bootstrap_ci(diff, seed=0, groups=groups)
     return float(diff.mean()), low, high
+
+
+def row_groups(truth: pd.DataFrame):
+    """What the bootstrap resamples: the prompt cluster of each row when the split recorded it, else None (rows)."""
+    from promptrec.splits import CLUSTER_COLUMN
+
+    return truth[CLUSTER_COLUMN].to_numpy() if CLUSTER_COLUMN in truth.columns else None
+
+
+def greedy_of(mbr_method: str, methods) -> str:
+    """The greedy row of the policy an "MBR decoding (<stage>, N=…)" row decoded (its paired comparison)."""
+    stage = mbr_method.split("(", 1)[1].split(",")[0]
+    return next(m for m in methods if m.startswith("iterative DPO" if stage == "iterate" else "DPO adapter"))
 
 
 def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer) -> list[dict]:
     """Per method: mean SCS with its 95% CI, the paired difference to the SFT adapter with its CI, per-row scores."""
     scores = {name: scorer.score(p, list(truth["rewrite_prompt"])) for name, p in methods.items()}
-    sft = scores.get("SFT adapter")
+    sft, groups = scores.get("SFT adapter"), row_groups(truth)
     rows = []
     for name, predictions in methods.items():
-        low, high = bootstrap_ci(scores[name], seed=0)
-        diff = paired(scores[name], sft) if sft is not None and name != "SFT adapter" else (None, None, None)
+        low, high = bootstrap_ci(scores[name], seed=0, groups=groups)
+        diff = (paired(scores[name], sft, groups) if sft is not None and name != "SFT adapter"
+                else (None, None, None))
         rows.append({"method": name, "mean_scs": float(np.mean(scores[name])), "ci_low": low, "ci_high": high,
                      "vs_sft": diff[0], "vs_sft_low": diff[1], "vs_sft_high": diff[2],
                      "scores": scores[name].tolist(), "predictions": list(predictions)})
@@ -121,14 +148,20 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
               if config.get("triplets") == "reference" and not config.get("generate") else
               f"`{config['triplets']}`" if config.get("triplets") and not config.get("generate") else
               f"rewrites generated by `{config.get('generator', config['model'])}` ({config.get('rewrite_recipe')})")
-    sft_base = paired(np.array(by_name["SFT adapter"]["scores"]), np.array(by_name["base model, zero-shot"]["scores"]))
+    groups = row_groups(truth)
+    comparisons = {}  # "A − B" → paired mean difference and its 95% CI
+    for a, b in [("SFT adapter", "base model, zero-shot")] + [
+            (name, greedy_of(name, by_name)) for name in by_name if name.startswith("MBR decoding")]:
+        comparisons[f"{a} − {b}"] = paired(np.array(by_name[a]["scores"]), np.array(by_name[b]["scores"]), groups)
+    sft_base = comparisons["SFT adapter − base model, zero-shot"]
     md = [f"# Prompt recovery: held-out comparison ({run_dir.name})", "",
           f"Data: {source}. {len(truth)} held-out rows ({truth['rewrite_prompt'].nunique()} prompts) held out by "
           f"prompt {config.get('split_by', 'prompt')}: no stage trained on them or on their near-duplicates. "
           f"Scorer {identity['model']} (SCS = cos^{identity['exponent']:g}); base model `{config['model']}`, size "
-          f"`{config['size']}`. Intervals: 95% bootstrap over rows; paired differences are over the same rows.", "",
-          table, "", f"SFT − base, paired: {sft_base[0]:+.4f} (95% CI {sft_base[1]:+.3f} … {sft_base[2]:+.3f}).", "",
-          "What each row is:", ""]
+          f"`{config['size']}`. Intervals: 95% bootstrap over "
+          f"{'prompt clusters' if groups is not None else 'rows'}; paired differences are over the same rows.", "",
+          table, "", *[f"{name}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
+                       for name, (m, lo, hi) in comparisons.items()], "", "What each row is:", ""]
     md += [f"- **{r['method']}**: {describe(r['method'])}" for r in rows]
     md += ["", "![mean SCS per method](report.png)", ""]
     if "prompt_category" in truth.columns:
@@ -148,6 +181,7 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     summary = [{k: v for k, v in r.items() if k not in ("scores", "predictions")} | {"example": r["predictions"][0]}
                for r in rows]
     write_json({"rows": summary, "n": len(truth), "sft_minus_base": dict(zip(("mean", "low", "high"), sft_base)),
+                "paired": {name: dict(zip(("mean", "low", "high"), v)) for name, v in comparisons.items()},
                 "scorer": identity, "config": config}, out_dir / "report.json")
     return {"rows": summary, "table": table}
 

@@ -8,8 +8,10 @@
 
 Stages (each its own entry script, run as a subprocess with its own recipe plus overrides): rewrite (or read
 ``--triplets``) → split (by prompt cluster: near-duplicates of a held-out prompt are never trained on) → mean prompt
-→ SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → GRPO (with a
-``grpo_recipe``) → predictions on the held-out split (base zero-shot, SFT, DPO, GRPO) → report. The model,
+→ SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → iterate (``dpo_rounds`` > 1:
+each further round samples the last DPO adapter on fresh train triplets and trains DPO from it, through the same
+candidates/pairs/DPO steps) → GRPO (with a ``grpo_recipe``) → predictions on the held-out split (base zero-shot, SFT,
+DPO, iterative DPO, GRPO; with ``mbr_candidates`` also MBR decoding of the last DPO adapter) → report. The model,
 tokenizer, chat template and text budget are decided once, by the SFT stage (``--model``,
 ``--max_text_tokens``), and recorded in its ``run_config.json``: candidates, pairs, DPO, GRPO and predict read them
 back from there. A stage that finished leaves ``<run_dir>/<stage>/DONE``; a re-run skips it (``--force`` names
@@ -36,7 +38,8 @@ from promptrec.triplets import read_triplets
 
 logger = logging.getLogger("pipeline")
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "grpo", "predict", "report")
+STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "grpo", "predict",
+          "report")
 
 
 @dataclass
@@ -62,6 +65,13 @@ class PipelineArguments:
     grpo_recipe: str | None = field(default=None, metadata={
         "help": "GRPO recipe (online RL on the SCS reward from the SFT adapter, dpo/grpo.py); unset: the stage is "
                 "skipped (on 2 CPU cores a GRPO step takes minutes)."})
+    dpo_rounds: int = field(default=1, metadata={
+        "help": "Rounds of on-policy DPO. Round 1 is the dpo stage (from SFT); each further round (the iterate stage) "
+                "samples the previous round's adapter on fresh train triplets, pairs its samples by SCS against the "
+                "truth and trains DPO from that adapter (its reference)."})
+    mbr_candidates: int = field(default=0, metadata={
+        "help": "N > 0: the predict stage also decodes the last DPO adapter (the iterate stage's, else dpo's) by MBR "
+                "over N samples, its greedy answer and the mean prompt (inference/predict.py --selection mbr)."})
     max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
     split_by: str = field(default="cluster", metadata={
@@ -71,6 +81,7 @@ class PipelineArguments:
     max_triplets: int | None = field(default=None, metadata={"help": "Override the size's number of triplets."})
     sft_steps: int | None = field(default=None, metadata={"help": "Override the size's SFT steps."})
     dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
+    grpo_steps: int | None = field(default=None, metadata={"help": "Override the size's GRPO steps."})
     max_heldout: int | None = field(default=None, metadata={"help": "Override the size's held-out rows scored."})
     candidate_triplets: int | None = field(default=None, metadata={
         "help": "Override the size's number of train triplets that get candidates (and so DPO pairs)."})
@@ -93,6 +104,8 @@ class PipelineArguments:
         unknown = set(self.force) - set(STAGES) - {"all"}
         if unknown:
             raise ValueError(f"unknown stage(s) in --force: {sorted(unknown)}")
+        if self.dpo_rounds < 1 or self.mbr_candidates < 0:
+            raise ValueError("dpo_rounds must be >= 1 and mbr_candidates >= 0")
         if self.until not in STAGES:
             raise ValueError(f"until must be one of {', '.join(STAGES)}, not {self.until!r}")
 
@@ -140,6 +153,15 @@ class Runner:
         self.timings[stage] = round(time.time() - start, 1)
         (self.dir / stage / "DONE").write_text(f"{self.timings[stage]} s\n")
         print(f"=== {stage} finished in {self.timings[stage]:.0f} s", flush=True)
+
+    def step(self, out: Path, fn) -> None:
+        """A step inside a stage (one round of the iterate stage): skipped when it finished before."""
+        if (out / "DONE").exists():
+            print(f"--- {out.relative_to(self.dir)}: done before, skipped", flush=True)
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        fn(out)
+        (out / "DONE").write_text("done\n")
 
     def script(self, stage: str, script: str, *cli) -> None:
         extra = [arg for e in self.args.extra if e.startswith(f"{stage}:") for arg in shlex.split(e.split(":", 1)[1])]
@@ -197,26 +219,50 @@ def main(args: PipelineArguments) -> dict:
                    "--max_eval_samples", args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"),
                    *args.training_cli(), *seed)
 
-    def candidates(out):
+    def candidates(out, policy=d / "sft", triplets=d / "split" / "train.parquet"):
         run.script("candidates", "data_generation/candidates.py", "--config", args.candidates_recipe,
-                   "--triplets", d / "split" / "train.parquet", "--policy_adapter", d / "sft",
+                   "--triplets", triplets, "--policy_adapter", policy,
                    "--bank", d / "split" / "train.parquet",  # negatives from train prompts: none held out
                    "--num_samples", args.knob("policy_samples"),
                    "--mean_prompt", d / "mean_prompt" / "mean_prompt.json", "--scorer", args.scorer,
                    *(["--limit", limit] if (limit := args.knob("candidate_triplets")) else []), "--output_dir", out,
                    *seed)
 
-    def pairs(out):
-        # tokenizer and text budget: the SFT policy's, as candidates.manifest.json records it
+    def pairs(out, candidates_dir=d / "candidates"):
+        # tokenizer and text budget: the sampled policy's, as candidates.manifest.json records it
         run.script("pairs", "data_generation/build_pairs.py", "--config", args.pairs_recipe, "--candidates",
-                   d / "candidates" / "candidates.parquet", "--scorer", args.scorer, "--output_dir", out, *seed)
+                   candidates_dir / "candidates.parquet", "--scorer", args.scorer, "--output_dir", out, *seed)
 
-    def dpo(out):
-        run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--sft_adapter", d / "sft", "--train_pairs",
-                   d / "pairs" / "train.jsonl", "--eval_pairs", d / "pairs" / "eval.jsonl", "--max_steps",
+    def dpo(out, start=d / "sft", pairs_dir=d / "pairs"):
+        run.script("dpo", "dpo/train.py", "--config", args.dpo_recipe, "--sft_adapter", start, "--train_pairs",
+                   pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps",
                    args.knob("dpo_steps"), "--scorer", args.scorer, "--output_dir", out, "--max_eval_pairs",
                    args.knob("eval_samples"), "--eval_scs_samples", args.knob("eval_samples"), *args.training_cli(),
                    *seed)
+
+    def iterate(out):
+        """Rounds 2..dpo_rounds of on-policy DPO through the candidates/pairs/DPO steps above. Each round samples the
+        last round's adapter on train triplets no earlier round used, and starts DPO from that adapter."""
+        if args.dpo_rounds < 2:
+            print("dpo_rounds 1: no further DPO round", flush=True)
+            return
+        import pandas as pd
+
+        train = pd.read_parquet(d / "split" / "train.parquet")
+        used = set(pd.read_parquet(d / "candidates" / "triplets.parquet")["id"])
+        previous = d / "dpo"
+        for r in range(2, args.dpo_rounds + 1):
+            rd = out / f"round{r}"
+            rd.mkdir(parents=True, exist_ok=True)
+            fresh = train[~train["id"].isin(used)]
+            if fresh.empty:
+                raise DataError(f"round {r}: every train triplet was used by an earlier round; lower dpo_rounds")
+            write_table(fresh, rd / "triplets.parquet")
+            run.step(rd / "candidates", lambda o, p=previous, t=rd / "triplets.parquet": candidates(o, p, t))
+            run.step(rd / "pairs", lambda o, c=rd / "candidates": pairs(o, c))
+            run.step(rd / "dpo", lambda o, p=previous, q=rd / "pairs": dpo(o, p, q))
+            used |= set(pd.read_parquet(rd / "candidates" / "triplets.parquet")["id"])
+            previous = rd / "dpo"
 
     def grpo(out):
         if not args.grpo_recipe:
@@ -228,19 +274,33 @@ def main(args: PipelineArguments) -> dict:
 
     def predict(out):
         test = d / "split" / "test.csv"
+        mean = ["--mean_prompt", d / "mean_prompt" / "mean_prompt.json"]
         adapters = [("base", None), ("sft", d / "sft"), ("dpo", d / "dpo")]
+        adapters += [("iterate", last_dpo())] if args.dpo_rounds > 1 else []
         adapters += [("grpo", d / "grpo")] if (d / "grpo" / "adapter_config.json").exists() else []
         for name, adapter in adapters:
             # an adapter brings its base model and text budget (run_config.json); the base alone is told them
             policy = ["--adapter", adapter] if adapter else ["--model", args.model, "--max_text_tokens",
                                                              args.max_text_tokens]
-            run.script("predict", "inference/predict.py", *policy, "--input", test, "--output", out / f"{name}.csv",
-                       "--mean_prompt", d / "mean_prompt" / "mean_prompt.json")
+            run.step(out / name, lambda o, p=policy, n=name: run.script(
+                "predict", "inference/predict.py", *p, "--input", test, "--output", out / f"{n}.csv", *mean))
+        if args.mbr_candidates:
+            run.step(out / "mbr", lambda o: run.script(
+                "predict", "inference/predict.py", "--adapter", last_dpo(), "--input", test, "--output",
+                out / "mbr.csv", *mean, "--selection", "mbr", "--num_candidates", args.mbr_candidates,
+                "--scorer", args.scorer, "--seed", args.seed))
+            write_json({"adapter": str(last_dpo()), "greedy": "iterate" if args.dpo_rounds > 1 else "dpo",
+                        "num_candidates": args.mbr_candidates}, out / "mbr.json")
+
+    def last_dpo() -> Path:
+        """The adapter of the last DPO round: the iterate stage's last, or the dpo stage's."""
+        return d / "iterate" / f"round{args.dpo_rounds}" / "dpo" if args.dpo_rounds > 1 else d / "dpo"
 
     def report(out):
         build_report(d, args.scorer, out_dir=d)
 
-    for stage, fn in zip(STAGES, (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, grpo, predict, report)):
+    stages = (rewrite, split, mean_prompt, sft, candidates, pairs, dpo, iterate, grpo, predict, report)
+    for stage, fn in zip(STAGES, stages):
         run.stage(stage, fn)
         if stage == args.until:
             break

@@ -75,19 +75,28 @@ def align_predictions(predictions: pd.DataFrame, truth: pd.DataFrame, allow_blan
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (shape (n,)): resample rows with replacement."""
+def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                 groups=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (shape (n,)): resample rows with replacement.
+
+    With ``groups`` (shape (n,), e.g. each row's prompt cluster), whole groups are resampled instead: rows that share
+    a prompt are not independent evidence, and a row bootstrap would give too narrow an interval for them."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        sums, counts = np.bincount(index, weights=values), np.bincount(index).astype(np.float64)
+    else:
+        sums, counts = values, np.ones_like(values)
     means = np.empty(n_resamples)
     # Blocks keep the (resamples × n) index matrix near 10M entries for large submissions.
-    block = max(1, 10_000_000 // len(values))
+    block = max(1, 10_000_000 // len(sums))
     for start in range(0, n_resamples, block):
         stop = min(n_resamples, start + block)
-        means[start:stop] = values[rng.integers(0, len(values), size=(stop - start, len(values)))].mean(axis=1)
+        pick = rng.integers(0, len(sums), size=(stop - start, len(sums)))
+        means[start:stop] = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)

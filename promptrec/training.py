@@ -363,9 +363,11 @@ def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...
     return path
 
 
-def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]) -> Path:
+def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]], from_run: str | None = None) -> Path:
     """Write the run folder (``training_args.output_dir``): adapter, tokenizer, ``run_config.json``,
-    ``metrics.json`` and ``curves.png``. Call on every rank (saving is collective under DeepSpeed)."""
+    ``metrics.json`` and ``curves.png``; with ``from_run`` (the run this one continued) also its ``split.json``, so a
+    run continuing this one (an iterative DPO round) evaluates on the same rows. Call on every rank (saving is
+    collective under DeepSpeed)."""
     out = Path(trainer.args.output_dir)
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
@@ -376,5 +378,7 @@ def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]
         write_json(config, out / RUN_CONFIG)
         write_json(metrics, out / METRICS)
         plot_curves(trainer.state.log_history, out / "curves.png", panels)
+        if from_run and (Path(from_run) / "split.json").is_file():
+            shutil.copyfile(Path(from_run) / "split.json", out / "split.json")
     trainer.accelerator.wait_for_everyone()
     return out

@@ -12,12 +12,32 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# GRPO at its smallest: 2 answers of 8 tokens per prompt, one step (the stage, its adapter and its report row)
+# Every optional stage at its smallest: a second DPO round (6 fresh triplets a round), GRPO with 2 answers of 8
+# tokens per prompt for one step, MBR decoding over 2 samples
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
-            "--size", "tiny", "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra",
+            "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",
+            "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra",
             "grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
             "--max_completion_length 8"]
-METHODS = 7  # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, GRPO
+# constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, GRPO, MBR
+METHODS = 9
+
+
+def assert_round_two_is_on_policy(run_dir: Path) -> None:
+    """Round 2 of on-policy DPO: its candidates are the round-1 DPO adapter's own samples, of train triplets round 1
+    never used; its pairs reject only those samples; its DPO starts from the round-1 adapter."""
+    round2 = run_dir / "iterate" / "round2"
+    manifest = json.loads((round2 / "candidates" / "candidates.manifest.json").read_text())
+    assert Path(manifest["policy"]["adapter"]).resolve() == (run_dir / "dpo").resolve()
+    first = set(pd.read_parquet(run_dir / "candidates" / "triplets.parquet").id)
+    second = set(pd.read_parquet(round2 / "candidates" / "triplets.parquet").id)
+    train = set(pd.read_parquet(run_dir / "split" / "train.parquet").id)
+    assert second and second <= train and not first & second
+    pairs = pd.read_json(round2 / "pairs" / "train.jsonl", lines=True)
+    assert len(pairs) and set(pairs.source_rejected) == {"policy"}
+    config = json.loads((round2 / "dpo" / "run_config.json").read_text())
+    assert config["DPOScriptArguments"]["sft_adapter"] == str(run_dir / "dpo")  # from round 1's adapter
+    assert (round2 / "dpo" / "split.json").exists()  # the eval split travels along the chain
 
 
 @pytest.mark.slow
@@ -33,19 +53,22 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert (run_dir / "report.png").stat().st_size > 0
     md = (run_dir / "report.md").read_text()
     assert md.count("\n| ") >= METHODS + 1
-    for stage in ("sft", "dpo", "grpo"):
+    for stage in ("sft", "dpo", "grpo", "iterate/round2/dpo"):
         assert (run_dir / stage / "adapter_config.json").exists()
+    assert "MBR decoding (iterate, N=2) − iterative DPO adapter (2 rounds)" in report["paired"]
+    assert "prompt clusters" in md  # the intervals resample clusters, not rows
+    assert_round_two_is_on_policy(run_dir)
     heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
     trained = set(pd.read_parquet(run_dir / "split" / "train.parquet").rewrite_prompt)
     assert heldout and not heldout & trained
-    for name in ("base", "sft", "dpo", "grpo"):
+    for name in ("base", "sft", "dpo", "iterate", "grpo", "mbr"):
         sub = pd.read_csv(run_dir / "predict" / f"{name}.csv")
         assert sub.rewrite_prompt.fillna("").str.strip().str.len().min() > 0
 
     second = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
                             check=False)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done before, skipped") == 10
+    assert second.stdout.count("done before, skipped") == 11
     assert "$ " not in second.stderr  # no stage command was started again
 
 

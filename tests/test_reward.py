@@ -182,6 +182,22 @@ def test_allow_blank_counts_blanks_and_missing_rows():
     assert rows.loc[rows["blank"], "prediction"].tolist() == ["", ""]
 
 
+def test_cluster_bootstrap_is_wider_when_rows_of_a_cluster_move_together():
+    """400 rows in 40 clusters whose rows share one value: the rows carry 40 observations' worth of evidence, and
+    resampling clusters must say so (a row bootstrap would claim 10× the evidence)."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 10)
+    values = rng.uniform(0, 1, 40)[groups]
+    rows = bootstrap_ci(values, n_resamples=500, seed=3)
+    clusters = bootstrap_ci(values, n_resamples=500, seed=3, groups=groups)
+    assert clusters[0] < values.mean() < clusters[1]
+    assert clusters[1] - clusters[0] > 2 * (rows[1] - rows[0])
+    # one row per group: the same evidence as rows, so about the same width
+    single = bootstrap_ci(values[::10], n_resamples=2000, seed=3, groups=np.arange(40))
+    plain = bootstrap_ci(values[::10], n_resamples=2000, seed=3)
+    assert abs((single[1] - single[0]) - (plain[1] - plain[0])) < 0.03
+
+
 def test_bootstrap_interval_and_summary():
     values = np.random.default_rng(1).uniform(0, 1, 400)
     low, high = bootstrap_ci(values, n_resamples=500, seed=3)
