@@ -5,12 +5,11 @@
     accelerate launch --multi_gpu --num_processes 2 data_generation/build_pairs.py --config ...  # 2 scoring shards
 
 Reads ``candidates.parquet`` (``id, candidate, source``) and the ``triplets.parquet`` beside it (both written by
-``candidates.py``). Each example's candidates are scored with the shared :class:`promptrec.scoring.Scorer` and the
-scores appended to ``<output_dir>/scores.parts/`` (a killed run resumes). Then pairs are built by
-:func:`promptrec.pairs.build_pairs` and written in TRL's conversational preference format — ``prompt`` (the shared
-recovery prompt), ``chosen``, ``rejected`` (assistant turns) plus ``id, score_chosen, score_rejected,
-source_chosen, source_rejected`` — to ``train.jsonl`` and ``eval.jsonl``, split by example id, by prompt or by
-prompt cluster (one prompt never on both sides). Also ``scores.parquet``, ``summary.json``, ``margins.png``.
+``candidates.py``), scores each example's candidates with :class:`promptrec.scoring.Scorer` into
+``<output_dir>/scores.parts/`` (a killed run resumes), and writes the pairs of :func:`promptrec.pairs.build_pairs`
+in TRL's conversational preference format (``prompt``, ``chosen``, ``rejected`` plus ``id, score_chosen,
+score_rejected, source_chosen, source_rejected``) to ``train.jsonl`` and ``eval.jsonl``, split by example id,
+prompt or prompt cluster (one prompt never on both sides). Also ``scores.parquet``, ``summary.json``, ``margins.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -67,10 +65,9 @@ class PairArguments:
     seed: int = field(default=42, metadata={"help": "Split seed."})
 
     def __post_init__(self):
-        if self.strategy not in P.STRATEGIES:
-            raise ValueError(f"strategy must be one of {P.STRATEGIES}, not {self.strategy!r}")
-        if self.split_by not in SPLIT_BY:
-            raise ValueError(f"split_by must be one of {SPLIT_BY}, not {self.split_by!r}")
+        for name, choices in (("strategy", P.STRATEGIES), ("split_by", SPLIT_BY)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if self.min_margin < 0 or self.k < 1 or not 0 <= self.eval_fraction < 1:
             raise ValueError("min_margin must be >= 0, k >= 1 and eval_fraction in [0, 1)")
         cand = Path(self.candidates)
@@ -79,13 +76,18 @@ class PairArguments:
 
 
 def load_examples(args: PairArguments) -> pd.DataFrame:
-    """One row per triplet with its candidate and source lists (triplets without candidates are dropped)."""
+    """One row per triplet with its candidate and source lists (triplets without candidates are dropped); the
+    ``--rejected_sources`` must be among the candidates' sources."""
     cands = read_table(args.candidates, required=("id", "candidate", "source"), text_columns=("candidate", "source"))
     triplets = read_table(args.triplets, required=("id", "original_text", "rewrite_prompt", "rewritten_text"))
     cands["id"], triplets["id"] = cands["id"].astype(str), triplets["id"].astype(str)
     unknown = set(cands["id"]) - set(triplets["id"])
     if unknown:
         raise DataError(f"{args.candidates}: {len(unknown)} id(s) not in {args.triplets}, e.g. {min(unknown)}")
+    present = set(cands["source"])
+    if args.rejected_sources and not present & set(args.rejected_sources):
+        raise DataError(f"{args.candidates}: no candidate has source {args.rejected_sources} (--rejected_sources); "
+                        f"sources there: {sorted(present)}")
     grouped = cands.groupby("id", sort=False).agg(candidates=("candidate", list), sources=("source", list))
     return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
 
@@ -122,43 +124,32 @@ def prompt_format(args: PairArguments) -> tuple[str, int | None]:
     return tokenizer, budget
 
 
-def split_mask(args: PairArguments, examples: pd.DataFrame, scorer) -> np.ndarray:
-    """True for eval examples; ``cluster`` groups near-identical prompts (by embedding) before the draw."""
-    if args.split_by == "cluster":
-        examples = with_prompt_clusters(examples, scorer.encode, args.cluster_threshold)
-    return eval_mask(examples, args.eval_fraction, args.split_by, args.seed)
+def example_pairs(args: PairArguments, example: dict, strategy: str | None = None) -> list[dict]:
+    """:func:`promptrec.pairs.build_pairs` of one scored example with the flags' settings (``strategy``: another)."""
+    return P.build_pairs(example["candidates"], example["scores"], strategy or args.strategy, args.min_margin,
+                         sources=example["sources"], k=args.k, max_pairs=args.max_pairs_per_example,
+                         allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"],
+                         rejected_sources=args.rejected_sources)
 
 
 def pair_rows(args: PairArguments, example: dict, tokenizer) -> list[dict]:
     """The example's pairs as TRL conversational preference rows plus ids, scores and sources."""
-    found = P.build_pairs(example["candidates"], example["scores"], args.strategy, args.min_margin,
-                          sources=example["sources"], k=args.k, max_pairs=args.max_pairs_per_example,
-                          allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"],
-                          rejected_sources=args.rejected_sources)
     return [{"id": example["id"], **preference_example(example["original_text"], example["rewritten_text"],
                                                        p["chosen"], p["rejected"], tokenizer, args.max_text_tokens),
              **{k: p[k] for k in ("score_chosen", "score_rejected", "source_chosen", "source_rejected")}}
-            for p in found]
+            for p in example_pairs(args, example)]
 
 
 def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, scorer) -> dict:
     """Counts, margins and sources of the pairs, mean score per candidate source, and what each strategy gives."""
-    both = pd.concat([train, evals])
-    per_strategy = {s: sum(len(P.build_pairs(c, sc, s, args.min_margin, sources=so, k=args.k,
-                                             max_pairs=args.max_pairs_per_example,
-                                             allow_true_chosen=args.allow_true_chosen, true_prompt=t,
-                                             rejected_sources=args.rejected_sources))
-                           for c, sc, so, t in zip(scored["candidates"], scored["scores"], scored["sources"],
-                                                   scored["rewrite_prompt"]))
-                    for s in P.STRATEGIES}
+    both = pd.concat([train, evals])  # both have every PAIR_COLUMNS column, rows or not
+    examples = scored.to_dict(orient="records")
+    per_strategy = {s: sum(len(example_pairs(args, ex, s)) for ex in examples) for s in P.STRATEGIES}
     long = scored[["sources", "scores"]].explode(["sources", "scores"]).astype({"scores": float})
-    margins = both["score_chosen"] - both["score_rejected"] if len(both) else []
     return {"pairs": len(both), "train_pairs": len(train), "eval_pairs": len(evals), "examples": len(scored),
-            "examples_with_pairs": int(both["id"].nunique()) if len(both) else 0,
-            "train_examples": int(train["id"].nunique()) if len(train) else 0,
-            "eval_examples": int(evals["id"].nunique()) if len(evals) else 0,
-            "strategy": args.strategy, "pairs_per_strategy": per_strategy,
-            "margin": P.margin_stats(margins),
+            "examples_with_pairs": int(both["id"].nunique()), "train_examples": int(train["id"].nunique()),
+            "eval_examples": int(evals["id"].nunique()), "strategy": args.strategy, "pairs_per_strategy": per_strategy,
+            "margin": P.margin_stats(both["score_chosen"] - both["score_rejected"]),
             "sources": P.source_counts(both.to_dict(orient="records")),
             "mean_score_per_source": long.groupby("sources")["scores"].mean().round(4).to_dict(),
             "scorer": scorer.identity, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
@@ -191,10 +182,6 @@ def main(args: PairArguments) -> dict | None:
     out = Path(args.output_dir)
     start = time.time()
     examples = load_examples(args)
-    present = {src for sources in examples["sources"] for src in sources}
-    if args.rejected_sources and not present & set(args.rejected_sources):
-        raise DataError(f"{args.candidates}: no candidate has source {args.rejected_sources} (--rejected_sources); "
-                        f"sources there: {sorted(present)}")
     scorer = Scorer(args.scorer, args.exponent, batch_size=args.scorer_batch_size, cache_dir=args.scorer_cache_dir)
     parts = score_examples(args, scorer, examples, out / "scores.parts")
     if parts is None:  # not rank 0
@@ -206,7 +193,9 @@ def main(args: PairArguments) -> dict | None:
     tokenizer = load_tokenizer(tokenizer_name)
     logger.info("Pair prompts rendered with %s's tokenizer, texts cut to %s tokens", tokenizer_name,
                 args.max_text_tokens)
-    is_eval = split_mask(args, scored, scorer)
+    clustered = args.split_by == "cluster"  # near-identical prompts (by embedding) form one group, on one side
+    groups = with_prompt_clusters(scored, scorer.encode, args.cluster_threshold) if clustered else scored
+    is_eval = eval_mask(groups, args.eval_fraction, args.split_by, args.seed)
     rows = [[r for ex in scored[mask].to_dict(orient="records") for r in pair_rows(args, ex, tokenizer)]
             for mask in (~is_eval, is_eval)]
     train, evals = (pd.DataFrame(r, columns=list(PAIR_COLUMNS)) for r in rows)
@@ -215,10 +204,9 @@ def main(args: PairArguments) -> dict | None:
     write_table(scored[["id", "candidates", "sources", "scores"]].explode(["candidates", "sources", "scores"])
                 .rename(columns={"candidates": "candidate", "sources": "source", "scores": "score"}),
                 out / "scores.parquet")
-    summary = summarize(args, scored, train, evals, scorer)
-    summary.update(seconds_pairs=round(time.time() - scored_at, 1), tokenizer=tokenizer_name,
-                   max_text_tokens=args.max_text_tokens, config=asdict(args))
-    summary = write_manifest(out / "summary.json", start, **summary)
+    summary = write_manifest(out / "summary.json", start, **summarize(args, scored, train, evals, scorer),
+                             seconds_pairs=round(time.time() - scored_at, 1), tokenizer=tokenizer_name,
+                             max_text_tokens=args.max_text_tokens, config=asdict(args))
     plot_margins(train, evals, out / "margins.png", f"{args.strategy}, min_margin {args.min_margin}, "
                  f"scorer {scorer.identity['model']}")
     if len(train):

@@ -4,13 +4,12 @@
     python data_generation/candidates.py --config data_generation/configs/candidates_gemma_triplets.yaml
     accelerate launch --multi_gpu --num_processes 2 data_generation/candidates.py --config ... --use_cpu  # 2 shards
 
-Sources (``--sources``, any mix): ``policy`` — ``num_samples`` answers of a policy model (``embedded``, a hub id or
-a local dir, plus ``--policy_adapter checkpoints/sft/<run>``) to the shared recovery prompt, sampled in batches;
-``bank_hard`` — the prompt-bank entries nearest to the true prompt by embedding, below ``hard_ceiling`` cosine (so
-rephrasings of the truth are left out); ``bank_random`` — random bank entries below the same ceiling; ``mean`` —
-the mean prompt; ``true`` — the true prompt. Output ``<output_dir>/candidates.parquet`` (``id, candidate,
-source``), ``triplets.parquet`` (the examples used, with ids) and ``candidates.manifest.json``. Each finished
-example is appended to ``candidates.parts/``, so the same command resumes a killed run.
+Sources (``--sources``, any mix): ``policy`` — ``num_samples`` sampled answers of a policy model (plus
+``--policy_adapter checkpoints/sft/<run>``) to the shared recovery prompt; ``bank_hard`` — the prompt-bank entries
+nearest to the true prompt by embedding, below ``hard_ceiling`` cosine (so rephrasings of the truth are left out);
+``bank_random`` — random bank entries below that ceiling; ``mean`` — the mean prompt; ``true`` — the true prompt.
+Output ``<output_dir>/candidates.parquet`` (``id, candidate, source``), ``triplets.parquet`` (the examples used, with
+ids) and ``candidates.manifest.json``; finished examples go to ``candidates.parts/`` first (a killed run resumes).
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ import pandas as pd
 
 from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.generation import SamplingParams
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
-from promptrec.policy import Policy, load_policy, resolve_policy
+from promptrec.policy import Policy, load_sampler, resolve_policy
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction
 from promptrec.predict import resolve_mean_prompt
 from promptrec.resumable import gather_parts, run_share, write_manifest
@@ -97,10 +97,6 @@ class CandidateArguments:
         if any("=" not in r for r in self.rename):
             raise ValueError(f"rename entries look like FILE_COLUMN=OUR_COLUMN, got {self.rename}")
 
-    @property
-    def rename_map(self) -> dict[str, str]:
-        return dict(r.split("=", 1) for r in self.rename)
-
 
 def load_bank(sources: list[str], column: str, limit: int | None = None, seed: int = 0) -> list[str]:
     """Distinct bank prompts (by :func:`text_key`) in file order; a seeded sample of ``limit`` of them if given."""
@@ -135,22 +131,6 @@ def policy_of(args: CandidateArguments) -> Policy:
     return resolve_policy(args.policy, args.policy_adapter, args.max_text_tokens, args.load_in_4bit)
 
 
-def make_sampler(args: CandidateArguments, policy: Policy):
-    """(tokenizer, batches(conversations, desc) → iterator of (indices, outputs)) for the policy."""
-    from promptrec.generation import SamplingParams, iter_generate
-    from promptrec.models import load_tokenizer
-
-    n = args.num_samples if args.temperature > 0 else 1
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
-    if args.backend == "vllm":
-        from promptrec.vllm_backend import vllm_batches
-
-        tokenizer = load_tokenizer(policy.tokenizer_source)
-        return tokenizer, vllm_batches(policy.model, tokenizer, params)
-    model, tokenizer = load_policy(policy, args.dtype, device_map="cpu" if args.use_cpu else None)
-    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc)
-
-
 def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: list[str],
                    negatives: dict[str, list[str]]) -> dict:
     """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
@@ -174,7 +154,9 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
             writer.append(example_record(r, use_true, mean, [], neg) for r, neg in zip(rows, negatives))
             return
         policy = policy_of(args)
-        tokenizer, batches = make_sampler(args, policy)
+        n = args.num_samples if args.temperature > 0 else 1
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
+        tokenizer, batches = load_sampler(policy, params, args.backend, args.dtype, args.batch_size, args.use_cpu)
         convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, policy.max_text_tokens)
                  for r in rows]
         logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,
@@ -189,7 +171,8 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
 def main(args: CandidateArguments) -> pd.DataFrame | None:
     out = Path(args.output_dir)
     start = time.time()
-    triplets, counts = read_triplets(args.triplets, args.producers, args.rename_map, args.limit, args.seed)
+    rename = dict(r.split("=", 1) for r in args.rename)
+    triplets, counts = read_triplets(args.triplets, args.producers, rename, args.limit, args.seed)
     logger.info("Triplets from %s: %s", args.triplets, counts)
     generate_candidates(args, triplets, out / "candidates.parts")
     merged = gather_parts(triplets["id"].tolist(), out / "candidates.parts")

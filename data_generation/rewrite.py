@@ -24,7 +24,8 @@ import pandas as pd
 from promptrec import corpus
 from promptrec.cleaning import RULES, clean_rewrite
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.generation import SamplingParams, iter_generate
+from promptrec.generation import SamplingParams
+from promptrec.policy import Policy, load_sampler
 from promptrec.resumable import dist_info, merge_parts, run_sharded, write_manifest
 from promptrec.tables import write_table
 from promptrec.templates import rewrite_messages
@@ -100,7 +101,7 @@ def generate_rows(ids, conversations, parts_dir, make_row, generate_batches, des
     return run_sharded(ids, parts_dir, work, desc)
 
 
-def llm_texts(args, generate_batches, tokenizer, out_dir: Path) -> pd.DataFrame:
+def llm_texts(args, generate_batches, out_dir: Path) -> pd.DataFrame:
     """Have the generator write ``generate_texts`` texts from the seed set's genre × topic pairs."""
     seeds = corpus.seed_texts()
     combos = seeds[["genre", "topic"]].sample(frac=1.0, random_state=args.seed).to_dict(orient="records")
@@ -115,38 +116,23 @@ def llm_texts(args, generate_batches, tokenizer, out_dir: Path) -> pd.DataFrame:
     return written if written is not None else merge_parts(out_dir / "texts.parts", order=ids)
 
 
-def make_generator(args: RewriteArguments):
-    """(tokenizer, generate_batches(conversations, desc) → iterator of (indices, outputs)) for the backend."""
-    from promptrec.models import load_model, load_tokenizer
-
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, 1, args.seed)
-    tokenizer = load_tokenizer(args.generator)
-    if args.backend == "vllm":
-        from promptrec.vllm_backend import vllm_batches
-
-        return tokenizer, vllm_batches(args.generator, tokenizer, params)
-    model = load_model(args.generator, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
-                       device_map="cpu" if args.use_cpu else None)
-    model.eval()
-    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, args.batch_size, desc=desc)
-
-
 def main(args: RewriteArguments) -> pd.DataFrame | None:
-    rank = dist_info()[0]
     output = Path(args.output)
     start = time.time()
-    tokenizer, generate_batches = make_generator(args)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, 1, args.seed)
+    generator = Policy(args.generator, load_in_4bit=args.load_in_4bit)
+    tokenizer, batches = load_sampler(generator, params, args.backend, args.dtype, args.batch_size, args.use_cpu)
 
     texts, text_counts = load_texts(args, tokenizer)
     if args.generate_texts:
-        written, written_counts = corpus.filter_texts(llm_texts(args, generate_batches, tokenizer, output.parent /
-                                                                f"{output.name}.llm"), args.min_words)
+        written, written_counts = corpus.filter_texts(llm_texts(args, batches, output.parent / f"{output.name}.llm"),
+                                                      args.min_words)
         text_counts["llm_written"] = written_counts.get("kept", 0)
         texts = pd.concat([texts, written], ignore_index=True)
     prompts = load_prompts(args)
     jobs = corpus.make_jobs(texts, prompts, args.prompts_per_text, args.seed, args.max_pairs)
     logger.info("%d texts × %d prompts → %d pairs; text counts %s", len(texts), len(prompts), len(jobs), text_counts)
-    if rank == 0 and len(jobs):
+    if dist_info()[0] == 0 and len(jobs):
         logger.info("First rendered input:\n%s", tokenizer.apply_chat_template(
             rewrite_messages(jobs.rewrite_prompt[0], jobs.original_text[0], tokenizer), tokenize=False,
             add_generation_prompt=True))
@@ -157,17 +143,14 @@ def main(args: RewriteArguments) -> pd.DataFrame | None:
     convs = [rewrite_messages(r["rewrite_prompt"], r["original_text"], tokenizer) for r in records]
     raw = generate_rows(list(jobs.id), convs, Path(f"{output}.parts"), lambda i, text: {
         **records[i], "rewritten_text": text, "generator": args.generator, "generation_params": gen_params},
-        generate_batches, "rewrite")
+        batches, "rewrite")
     if raw is None:  # not rank 0
         return None
-    kept, dropped = [], Counter()
-    for row in raw.to_dict(orient="records"):
-        text, rule = clean_rewrite(row["rewritten_text"], row["original_text"], args.clean)
-        if rule:
-            dropped[rule] += 1
-        else:
-            kept.append({**row, "rewritten_text": text})
-    result = pd.DataFrame(kept, columns=list(raw.columns))
+    cleaned = [(row, *clean_rewrite(row["rewritten_text"], row["original_text"], args.clean))
+               for row in raw.to_dict(orient="records")]  # (row, text, rule that dropped it or None)
+    dropped = Counter(rule for _, _, rule in cleaned if rule)
+    result = pd.DataFrame([{**row, "rewritten_text": text} for row, text, rule in cleaned if not rule],
+                          columns=list(raw.columns))
     write_table(result, output)
     manifest = write_manifest(f"{output}.manifest.json", start, output=str(output), rows=len(result),
                               pairs=len(jobs), texts=text_counts, prompts=len(prompts),

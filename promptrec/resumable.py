@@ -3,11 +3,10 @@
 :func:`run_sharded` is that skeleton: this process's share → resumable parts → barrier → merge (rank 0) →
 :func:`write_manifest`. The scripts (rewrite, candidates, pairs' scoring) only say what one share's work is.
 
-Each process appends finished rows to its own ``parts/part-<rank>.jsonl``: one JSON line per row, flushed and
-fsynced after each batch. A run killed at any moment (``kill -9``) leaves at most one partial last line, which
-the next run cuts off. On start every process reads the ids already in *all* parts, so a resumed run — even
-with another number of processes — skips them. Work is shared by rank: process ``r`` of ``w`` takes items
-``r, r+w, r+2w, …`` of the full list, which keeps the split deterministic without any coordination.
+Process ``r`` of ``w`` takes items ``r, r+w, r+2w, …`` (deterministic, no coordination) and appends each finished
+batch to its own ``parts/part-<rank>.jsonl`` (one JSON line per row, flushed and fsynced). A run killed at any moment
+(``kill -9``) leaves at most one partial last line, cut off by the next run, which skips the ids already in *all*
+parts (even when it runs with another number of processes).
 """
 
 from __future__ import annotations
@@ -59,23 +58,17 @@ class PartWriter:
 
     def _repair(self) -> None:
         """Cut a partial last line (kill -9 mid-write) so appends start on a clean line."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        good = len(data)
+        data = self.path.read_bytes() if self.path.exists() else b""
         if data and not data.endswith(b"\n"):
-            good = data.rfind(b"\n") + 1
-        if good != len(data):
             with open(self.path, "r+b") as fh:
-                fh.truncate(good)
+                fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
         if not rows:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            fh.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
             fh.flush()
             os.fsync(fh.fileno())
         self.done_ids.update(row[self.key] for row in rows)
@@ -99,26 +92,13 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def pending_indices(ids: Sequence, writer: PartWriter, rank: int, world_size: int) -> list[int]:
-    """Indices (into ``ids``) of this process's share that no part holds yet."""
-    return [i for i in shard_items(range(len(ids)), rank, world_size) if ids[i] not in writer.done_ids]
-
-
-def wait_for_everyone() -> None:
-    """Barrier across ``accelerate launch`` processes (a no-op in a single process)."""
-    if dist_info()[1] > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-
 def run_share(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
               desc: str) -> None:
     """Run ``work(indices, writer)`` on this process's share of ``ids`` that no part holds yet; ``work`` appends
     each finished row (with its ``id``) to ``writer``, so a killed run resumes where it stopped."""
     rank, world = dist_info()
     writer = PartWriter(parts_dir, rank)
-    todo = pending_indices(ids, writer, rank, world)
+    todo = [i for i in shard_items(range(len(ids)), rank, world) if ids[i] not in writer.done_ids]
     logger.info("%s: %d of %d rows to do in this process (rank %d/%d)", desc, len(todo), len(ids), rank, world)
     if todo:
         work(todo, writer)
@@ -127,8 +107,12 @@ def run_share(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[
 def gather_parts(ids: Sequence, parts_dir: str | os.PathLike) -> pd.DataFrame | None:
     """After every process's share: the rows of ``ids`` from all parts, in ``ids`` order, on rank 0 (None on the
     others). Raises :class:`DataError` when a row is missing (a process failed: the same command finishes it)."""
-    wait_for_everyone()
-    if dist_info()[0] != 0:
+    rank, world = dist_info()
+    if world > 1:  # barrier across the accelerate launch processes
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    if rank != 0:
         return None
     merged = merge_parts(parts_dir, order=ids)
     wanted = set(ids)

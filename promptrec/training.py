@@ -1,13 +1,11 @@
-"""What the SFT and DPO stages share: the model with its LoRA setup, dataset rendering, the SCS eval, run saving.
+"""What the SFT, DPO and GRPO stages share: the model with its LoRA setup, dataset rendering, the SCS eval, run saving.
 
-* **Model**: :func:`load_base` builds the base (4/8-bit per TRL's ``ModelConfig``, via the one
-  :func:`promptrec.models.quantization_config`) through :func:`promptrec.models.load_model`, so ``embedded`` and
-  hub ids work as everywhere else; :func:`lora_config` is ``trl.get_peft_config`` with the LoRA targets resolved per
+* **Model**: :func:`load_base` loads the base of TRL's ``ModelConfig`` through :func:`promptrec.models.load_model`
+  (the one quantisation builder); :func:`lora_config` is ``trl.get_peft_config`` with the LoRA targets resolved per
   architecture (:data:`LORA_TARGETS`) and checked against the model's modules.
-* **Data**: :func:`sft_dataset` renders triplets as TRL conversational prompt/completion rows through the shared
-  recovery format; :func:`read_pairs` checks TRL conversational preference rows.
-* **Eval**: :func:`scs_eval` generates a prompt per eval triplet (greedy, batched, sharded over processes) and scores
-  it against the true prompt with :class:`promptrec.scoring.Scorer`.
+* **Data**: :func:`sft_dataset` renders triplets as TRL prompt/completion rows; :func:`read_pairs` checks TRL
+  conversational preference rows.
+* **Eval**: :func:`scs_eval` generates a prompt per eval triplet (greedy, sharded over processes) and scores it by SCS.
 * **Saving**: :func:`save_run` writes ``checkpoints/<stage>/<run>/``: adapter, tokenizer, ``run_config.json``
   (resolved config + ``model_name_or_path`` and ``max_text_tokens`` for inference), ``metrics.json``, ``curves.png``.
 """
@@ -38,14 +36,8 @@ logger = logging.getLogger(__name__)
 # LoRA targets per architecture (``config.model_type``): attention and MLP projections. Phi-2 names its output
 # projection ``dense`` and its MLP ``fc1``/``fc2``; Llama-style models (Mistral, SmolLM2, Gemma, Qwen2) share names.
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_TARGETS = {
-    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
-    "mistral": _LLAMA_STYLE,
-    "llama": _LLAMA_STYLE,
-    "gemma": _LLAMA_STYLE,
-    "qwen2": _LLAMA_STYLE,
-}
-METRICS = "metrics.json"
+LORA_TARGETS = {"phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+                **dict.fromkeys(("mistral", "llama", "gemma", "qwen2"), _LLAMA_STYLE)}
 
 
 @dataclass
@@ -67,8 +59,7 @@ class EvalArguments(ScorerArguments):
 
 @dataclass
 class FromSFTArguments(EvalArguments):
-    """What the stages that continue an SFT run share (dpo/train.py, dpo/grpo.py): the run, its text budget, and
-    the triplets of the SCS eval."""
+    """What dpo/train.py and dpo/grpo.py share: the SFT run they continue, its text budget, the SCS eval triplets."""
 
     sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
         "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
@@ -80,19 +71,22 @@ class FromSFTArguments(EvalArguments):
 
 
 def sft_eval_triplets(script_args: FromSFTArguments) -> pd.DataFrame | None:
-    """The SCS eval triplets: ``--eval_triplets`` or the SFT run's saved eval split, capped at
-    ``eval_scs_samples`` (None when the eval is off or there is no split)."""
+    """The SCS eval triplets: ``--eval_triplets``, or the SFT run's eval split (``split.json``, re-read from its source
+    file in the saved order), capped at ``eval_scs_samples``; None when the eval is off or there is no split."""
     if script_args.eval_scs_samples == 0:
         return None
     if script_args.eval_triplets:
-        df = read_split_triplets(script_args.eval_triplets)
-    else:
-        split = Path(script_args.sft_adapter) / "split.json"
-        if not split.exists():
-            logger.warning("No %s and no --eval_triplets: SCS eval skipped", split)
-            return None
-        df = eval_triplets_of_split(split)
-    return df.head(script_args.eval_scs_samples)
+        return read_split_triplets(script_args.eval_triplets).head(script_args.eval_scs_samples)
+    split_path = Path(script_args.sft_adapter) / "split.json"
+    if not split_path.exists():
+        logger.warning("No %s and no --eval_triplets: SCS eval skipped", split_path)
+        return None
+    split = json.loads(split_path.read_text(encoding="utf-8"))
+    by_id = read_split_triplets(split["source"], split.get("producers", ())).set_index("id")
+    missing = [i for i in split["eval_ids"] if i not in by_id.index]
+    if missing:
+        raise DataError(f"{split['source']}: {len(missing)} eval id(s) of {split_path} are gone (e.g. {missing[0]})")
+    return by_id.loc[split["eval_ids"]].reset_index().head(script_args.eval_scs_samples)
 
 
 # ------------------------------------------------------------------------------------------------ model & LoRA
@@ -133,9 +127,8 @@ def dtype_name(model_args) -> str:
 
 
 def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):
-    """The base model of ``model_args`` (quantised per its ``load_in_4bit``/``load_in_8bit``, NF4 settings and
-    ``bnb_4bit_quant_storage``; compute dtype = ``dtype``), with ``adapter`` on top when given. The same
-    :func:`promptrec.models.quantization_config` builds inference's config from what ``run_config.json`` records."""
+    """The base model of ``model_args`` (quantised per its ``load_in_4bit``/``load_in_8bit`` and ``bnb_4bit_*``
+    settings, compute dtype = ``dtype``, by the builder inference uses too), with ``adapter`` on top when given."""
     return load_model(model_args.model_name_or_path, adapter=adapter, dtype=dtype_name(model_args),
                       load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
                       quant_type=model_args.bnb_4bit_quant_type, double_quant=model_args.use_bnb_nested_quant,
@@ -189,9 +182,7 @@ def check_pairs_format(pairs_path: str, max_text_tokens: int | None) -> None:
     """Pairs must be rendered with the text budget the policy trained with; ``summary.json`` beside them (written
     by data_generation/build_pairs.py) records theirs. Raises :class:`DataError` when the two differ."""
     summary = Path(pairs_path).with_name("summary.json")
-    if not summary.is_file():
-        return
-    recorded = json.loads(summary.read_text(encoding="utf-8"))
+    recorded = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
     if "max_text_tokens" in recorded and recorded["max_text_tokens"] != max_text_tokens:
         raise DataError(f"{pairs_path}: its prompts cut texts to {recorded['max_text_tokens']} tokens, the policy "
                         f"trained with max_text_tokens {max_text_tokens}; rebuild the pairs from candidates made "
@@ -206,20 +197,17 @@ def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
     df = read_table(path, required=("prompt", "chosen", "rejected"))
     if max_pairs and max_pairs < len(df):
         df = df.sample(n=max_pairs, random_state=seed).sort_index()
-    rows = []
-    for i, r in enumerate(df.itertuples(index=False), start=1):
-        rows.append({col: _messages(getattr(r, col), role, f"{path}: column '{col}' row {i}")
-                     for col, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))})
-    return Dataset.from_list(rows)
+    roles = (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))
+    return Dataset.from_list([{col: _messages(getattr(r, col), role, f"{path}: column '{col}' row {i}")
+                               for col, role in roles} for i, r in enumerate(df.itertuples(index=False), start=1)])
 
 
 def share_across_ranks(dataset, directory: Path, training_args):
     """``dataset`` saved by each machine's first process and loaded from disk by every process (one process: as is).
 
-    TRL's ``precompute_ref_log_probs`` writes the reference log-probs on the main process to the dataset's cache
-    path and reads them on the others from theirs; an in-memory dataset's cache path is a per-process temp dir
-    with a per-process random fingerprint, so the other ranks fail ("Failed to open local file …/cache-….arrow").
-    Loaded from one directory, every rank has the same cache path and fingerprint.
+    TRL's ``precompute_ref_log_probs`` writes the reference log-probs to the main process's dataset cache path and
+    reads them on the others from theirs; an in-memory dataset's cache path and fingerprint differ per process, so the
+    other ranks fail ("Failed to open local file …/cache-….arrow"). Loaded from one directory, every rank agrees.
     """
     if training_args.world_size <= 1:
         return dataset
@@ -248,17 +236,6 @@ def write_split(path: Path, source: str, producers, split_by: str, eval_fraction
                 "seed": seed, "train_ids": train["id"].tolist(), "eval_ids": evaluation["id"].tolist()}, path)
 
 
-def eval_triplets_of_split(split_path: str | Path) -> pd.DataFrame:
-    """The eval triplets named by a ``split.json`` (re-read from its source file, in the saved order)."""
-    split = json.loads(Path(split_path).read_text(encoding="utf-8"))
-    df = read_split_triplets(split["source"], split.get("producers", ()))
-    by_id = df.set_index("id")
-    missing = [i for i in split["eval_ids"] if i not in by_id.index]
-    if missing:
-        raise DataError(f"{split['source']}: {len(missing)} eval id(s) of {split_path} are gone (e.g. {missing[0]})")
-    return by_id.loc[split["eval_ids"]].reset_index()
-
-
 # ------------------------------------------------------------------------------------------------------- eval
 def predict_prompts(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, accelerator=None) -> list[str]:
     """Greedy recovered prompt of each triplet; rows are sharded over processes and gathered on every rank."""
@@ -271,16 +248,13 @@ def predict_prompts(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments
     mine = shard_items(list(range(len(df))), rank, world)
     conversations = [recovery_messages(df["original_text"].iloc[i], df["rewritten_text"].iloc[i], tokenizer,
                                        eval_args.max_text_tokens) for i in mine]
-    params = SamplingParams(max_new_tokens=eval_args.max_new_tokens)
     was_training = model.training
     model.eval()
-    outputs = generate(model, tokenizer, conversations, params, batch_size=eval_args.gen_batch_size,
-                       progress=rank == 0, desc="SCS eval")
+    outputs = generate(model, tokenizer, conversations, SamplingParams(max_new_tokens=eval_args.max_new_tokens),
+                       batch_size=eval_args.gen_batch_size, progress=rank == 0, desc="SCS eval")
     model.train(was_training)
     pairs = list(zip(mine, (texts[0] for texts in outputs)))
-    if world > 1:
-        pairs = gather_object(pairs)
-    by_index = dict(pairs)
+    by_index = dict(gather_object(pairs) if world > 1 else pairs)
     return [by_index[i] for i in range(len(df))]
 
 
@@ -353,8 +327,7 @@ def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...
             points = [(row["step"], row[key]) for row in log_history if key in row]
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
-        ax.set_xlabel("step")
-        ax.set_title(keys[0])
+        ax.set(xlabel="step", title=keys[0])
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -364,10 +337,9 @@ def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...
 
 
 def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]], from_run: str | None = None) -> Path:
-    """Write the run folder (``training_args.output_dir``): adapter, tokenizer, ``run_config.json``,
-    ``metrics.json`` and ``curves.png``; with ``from_run`` (the run this one continued) also its ``split.json``, so a
-    run continuing this one (an iterative DPO round) evaluates on the same rows. Call on every rank (saving is
-    collective under DeepSpeed)."""
+    """Write the run folder (``training_args.output_dir``): adapter, tokenizer, ``run_config.json``, ``metrics.json``,
+    ``curves.png`` and, with ``from_run`` (the run this one continued), its ``split.json``, so a run continuing this
+    one (an iterative DPO round) evaluates on the same rows. Call on every rank (collective under DeepSpeed)."""
     out = Path(trainer.args.output_dir)
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
@@ -376,7 +348,7 @@ def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]
         shutil.rmtree(out / "ref", ignore_errors=True)
         trainer.processing_class.save_pretrained(out)
         write_json(config, out / RUN_CONFIG)
-        write_json(metrics, out / METRICS)
+        write_json(metrics, out / "metrics.json")
         plot_curves(trainer.state.log_history, out / "curves.png", panels)
         if from_run and (Path(from_run) / "split.json").is_file():
             shutil.copyfile(Path(from_run) / "split.json", out / "split.json")
