@@ -165,13 +165,14 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     md += [f"- **{r['method']}**: {describe(r['method'])}" for r in rows]
     md += ["", "![mean SCS per method](report.png)", ""]
     if "prompt_category" in truth.columns:
-        md += ["One held-out row per prompt category (true prompt → SFT / DPO predictions):", "",
-               "| category | true prompt | SFT | DPO |", "|---|---|---|---|"]
+        last = next((m for m in by_name if m.startswith("iterative DPO")), "DPO adapter")  # the last DPO round
+        md += [f"One held-out row per prompt category (true prompt → SFT / {last} predictions):", "",
+               f"| category | true prompt | SFT | {last} |", "|---|---|---|---|"]
         for category, group in truth.reset_index(drop=True).groupby("prompt_category", sort=True):
             i = group.index[0]
             md.append(f"| {category} | {_cell(truth['rewrite_prompt'].iloc[i], 60)} | "
                       f"{_cell(by_name['SFT adapter']['predictions'][i], 60)} | "
-                      f"{_cell(by_name['DPO adapter']['predictions'][i], 60)} |")
+                      f"{_cell(by_name[last]['predictions'][i], 60)} |")
     else:
         md += ["First held-out row's predictions:", ""]
         md += [f"- **{r['method']}**: {_cell(r['predictions'][0], 200)}" for r in rows]
