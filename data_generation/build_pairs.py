@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from promptrec import pairs as P
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.plots import figure
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS
 from promptrec.resumable import dist_info, run_sharded, write_manifest
 from promptrec.splits import SPLIT_BY, eval_mask, with_prompt_clusters
@@ -157,22 +158,14 @@ def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, ev
 
 
 def plot_margins(train: pd.DataFrame, evals: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for df, name in ((train, "train"), (evals, "eval")):
-        if len(df):
-            margins = df["score_chosen"] - df["score_rejected"]
-            ax.hist(margins, bins=40, range=(0, max(1.0, float(margins.max()))), alpha=0.6,
-                    label=f"{name} ({len(df)})")
-    ax.set(xlabel="margin = score_chosen − score_rejected (SCS)", ylabel="pairs", title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path) as (ax,):
+        for df, name in ((train, "train"), (evals, "eval")):
+            if len(df):
+                margins = df["score_chosen"] - df["score_rejected"]
+                ax.hist(margins, bins=40, range=(0, max(1.0, float(margins.max()))), alpha=0.6,
+                        label=f"{name} ({len(df)})")
+        ax.set(xlabel="margin = score_chosen − score_rejected (SCS)", ylabel="pairs", title=title)
+        ax.legend()
 
 
 def main(args: PairArguments) -> dict | None:

@@ -21,7 +21,6 @@ with ``log_completions``). ``inference/predict.py --adapter <output_dir>`` loads
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
 from promptrec.rewards import length_penalty, scs_reward
-from promptrec.tables import DataError
 from promptrec.templates import recovery_messages
 from promptrec.training import (
     FromSFTArguments,
@@ -44,6 +42,7 @@ from promptrec.training import (
     save_run,
     scs_eval,
     sft_eval_triplets,
+    split_triplets,
 )
 
 logger = logging.getLogger("grpo")
@@ -66,16 +65,6 @@ class GRPOScriptArguments(FromSFTArguments):
         super().__post_init__()
         if self.length_penalty_weight < 0 or self.length_penalty_words < 1:
             raise ValueError("length_penalty_weight must be >= 0 and length_penalty_words >= 1")
-
-
-def train_triplets_of_split(split_path: Path) -> pd.DataFrame:
-    """The train triplets of an SFT run's ``split.json``, re-read from its source file."""
-    split = json.loads(split_path.read_text(encoding="utf-8"))
-    df = read_split_triplets(split["source"], split.get("producers", ()))
-    rows = df[df["id"].isin(set(split["train_ids"]))]
-    if rows.empty:
-        raise DataError(f"{split['source']}: none of the train ids of {split_path} are there")
-    return rows.reset_index(drop=True)
 
 
 def prompt_dataset(df: pd.DataFrame, tokenizer, max_text_tokens: int | None):
@@ -109,19 +98,17 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     sft_config = inherit_from_sft(script_args, model_args)
     logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
     output_dir = Path(training_args.output_dir)
-    split = Path(script_args.sft_adapter) / "split.json"
 
     # ------------------------------------------------------------------------------------ model & tokenizer
     tokenizer = load_tokenizer(script_args.sft_adapter)  # saved by the SFT run, chat template included
     model = load_base(model_args, adapter=script_args.sft_adapter, is_trainable=True)
 
     # -------------------------------------------------------------------------------------------- dataset
-    if script_args.triplets:
-        df = read_split_triplets(script_args.triplets)
-    elif split.exists():
-        df = train_triplets_of_split(split)
-    else:
-        raise FileNotFoundError(f"No {split} and no --triplets: nothing to take the prompts from")
+    df = (read_split_triplets(script_args.triplets) if script_args.triplets
+          else split_triplets(script_args.sft_adapter, "train"))
+    if df is None:
+        raise FileNotFoundError(f"No split.json in {script_args.sft_adapter} and no --triplets: nothing to take the "
+                                "prompts from")
     if script_args.max_train_triplets and script_args.max_train_triplets < len(df):
         df = df.sample(n=script_args.max_train_triplets, random_state=training_args.seed)
     train_ds = prompt_dataset(df, tokenizer, script_args.max_text_tokens)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from promptrec.evaluation import bootstrap_ci
-from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postprocess
-from promptrec.predict import resolve_mean_prompt
+from promptrec.plots import figure
+from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postprocess, resolve_mean_prompt
 from promptrec.tables import write_json
 
 # Data sizes and steps per preset. "small" is the main job on 2 CPU cores; "tiny" is CI's smoke;
@@ -188,17 +188,9 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
 
 
 def _plot(rows: list[dict], path: Path, identity: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.6))
     means = [r["mean_scs"] for r in rows]
     err = [[m - r["ci_low"] for m, r in zip(means, rows)], [r["ci_high"] - m for m, r in zip(means, rows)]]
-    ax.barh([r["method"] for r in rows][::-1], means[::-1], xerr=[e[::-1] for e in err], color="#4c72b0",
-            capsize=3)
-    ax.set_xlabel(f"mean SCS on held-out prompts ({Path(str(identity['model'])).name}, 95% CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(8, 3.6), dpi=120) as (ax,):
+        ax.barh([r["method"] for r in rows][::-1], means[::-1], xerr=[e[::-1] for e in err], color="#4c72b0",
+                capsize=3)
+        ax.set_xlabel(f"mean SCS on held-out prompts ({Path(str(identity['model'])).name}, 95% CI)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from promptrec.plots import figure
 from promptrec.tables import DataError
 
 CATEGORY_COLUMNS = ("category", "prompt_category")
@@ -162,24 +163,12 @@ def report_markdown(report: dict, rows: pd.DataFrame, scores: np.ndarray, plot_n
 
 def plot_histogram(scores: np.ndarray, path: str | Path, title: str = "SCS per row") -> Path:
     """Histogram of per-row SCS with the mean marked, saved as PNG (matplotlib's Agg backend; no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scores = np.asarray(scores, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     low = min(0.0, float(scores.min())) if len(scores) else 0.0
-    ax.hist(scores, bins=40, range=(low, 1.0), color="#4C72B0", edgecolor="white")
-    if len(scores):
-        ax.axvline(scores.mean(), color="#C44E52", linestyle="--", label=f"mean {scores.mean():.4f}")
-        ax.legend()
-    ax.set_xlabel("sharpened cosine similarity")
-    ax.set_ylabel("rows")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, dpi=100) as (ax,):
+        ax.hist(scores, bins=40, range=(low, 1.0), color="#4C72B0", edgecolor="white")
+        if len(scores):
+            ax.axvline(scores.mean(), color="#C44E52", linestyle="--", label=f"mean {scores.mean():.4f}")
+            ax.legend()
+        ax.set(xlabel="sharpened cosine similarity", ylabel="rows", title=title)
+    return Path(path)

@@ -114,13 +114,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def default_dtype() -> torch.dtype:
-    """bf16 on a GPU that supports it, else fp16 on GPU; fp32 on the CPU."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has bf16 instructions (avx512_bf16 or AMX), read from ``/proc/cpuinfo`` flags.
 
@@ -136,11 +129,14 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``"auto"``/None → :func:`default_dtype`; ``"bfloat16"``/``"bf16"``/``"float32"``… → the torch dtype."""
+    """``"auto"``/None → bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU; ``"bfloat16"``,
+    ``"bf16"``, ``"float32"``… → the torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return default_dtype()
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     value = getattr(torch, aliases.get(dtype, dtype), None)
     if not isinstance(value, torch.dtype):

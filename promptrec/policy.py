@@ -24,17 +24,15 @@ RUN_CONFIG = "run_config.json"
 DEFAULT_MAX_TEXT_TOKENS = 256
 
 
-def read_run_config(run_dir: str | Path) -> dict:
-    """``run_config.json`` of a saved run (e.g. the SFT adapter DPO starts from)."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.exists():
+def read_run_config(run_dir: str | Path | None, required: bool = True) -> dict:
+    """``run_config.json`` of a saved run (e.g. the SFT adapter DPO starts from); ``{}`` when there is none and it
+    is not ``required``."""
+    path = Path(run_dir or "") / RUN_CONFIG
+    if run_dir and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    if required:
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder of sft/train.py or dpo/train.py?")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def run_config_of(directory: str | Path | None) -> dict:
-    """``run_config.json`` of a checkpoint dir, or ``{}`` when there is none."""
-    return read_run_config(directory) if directory and (Path(directory) / RUN_CONFIG).is_file() else {}
+    return {}
 
 
 def find_config_value(config, key: str):
@@ -94,7 +92,7 @@ def resolve_policy(model: str | None = None, adapter: str | None = None, max_tex
                    load_in_4bit: bool | None = None) -> Policy:
     """The policy of ``adapter`` (a run folder) or ``model``: flags first, then the run's ``run_config.json``
     (base model, text budget, 4-bit settings as trained), then defaults (4-bit when CUDA is available)."""
-    config = run_config_of(adapter) or run_config_of(model)
+    config = read_run_config(adapter, required=False) or read_run_config(model, required=False)
     if max_text_tokens is None:
         # top-level key as saved by promptrec.training (null = trained uncut), else anywhere in the nested config
         max_text_tokens = config["max_text_tokens"] if "max_text_tokens" in config else (

@@ -15,11 +15,14 @@ repetition counts as unusable.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from promptrec.tables import DataError
 from promptrec.templates import RECOVERY_INSTRUCTION
 
 DEFAULT_MEAN_PROMPT = "Improve the text to this."
@@ -254,3 +257,19 @@ def postprocess_all(raws: Iterable, config: PostprocessConfig | None = None,
     raws = list(raws)
     sources = list(sources) if sources is not None else [()] * len(raws)
     return [postprocess(raw, config, texts) for raw, texts in zip(raws, sources, strict=True)]
+
+
+def resolve_mean_prompt(value: str) -> str:
+    """A mean prompt given as the string itself or as a JSON file with a ``mean_prompt`` key."""
+    if not value.strip().endswith(".json"):
+        return squash(value)
+    path = Path(value.strip())
+    if not path.is_file():
+        raise DataError(f"{path}: no such mean-prompt JSON file")
+    try:
+        prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a JSON object ({type(err).__name__})") from None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{path}: no non-empty 'mean_prompt' string in it")
+    return squash(prompt)

@@ -10,12 +10,9 @@ answers, the one with the highest mean SCS to the others (:mod:`promptrec.select
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -23,9 +20,9 @@ import torch
 
 from promptrec.generation import SamplingParams, generate
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, resolve_policy
-from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, postprocess_all, squash
+from promptrec.postprocess import PostprocessConfig, postprocess_all, resolve_mean_prompt
 from promptrec.scoring import Scorer
-from promptrec.selection import combine, score_rows
+from promptrec.selection import mbr_frame, mbr_pick_counts
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
 
@@ -128,22 +125,6 @@ def usable_text_mask(df: pd.DataFrame) -> pd.Series:
     return original & rewritten
 
 
-def resolve_mean_prompt(value: str) -> str:
-    """A mean prompt given as the string itself or as a JSON file with a ``mean_prompt`` key."""
-    if not value.strip().endswith(".json"):
-        return squash(value)
-    path = Path(value.strip())
-    if not path.is_file():
-        raise DataError(f"{path}: no such mean-prompt JSON file")
-    try:
-        prompt = json.loads(path.read_text(encoding="utf-8")).get("mean_prompt")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a JSON object ({type(err).__name__})") from None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{path}: no non-empty 'mean_prompt' string in it")
-    return squash(prompt)
-
-
 def policy_of(args: PredictArguments) -> Policy:
     """The policy the flags name (the adapter's run_config.json fills what they leave out)."""
     return resolve_policy(args.model, args.adapter, args.max_text_tokens, args.load_in_4bit)
@@ -156,7 +137,8 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
     """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction``
     in the input order. Rows with a missing text get the mean prompt without a model call (``raw_prediction``
     empty); ``post.mean_prompt`` must already be a prompt, not a path. With ``samples`` (sampling settings of the
-    extra candidates) the prompt is chosen by MBR with ``scorer`` and the frame has the columns of :func:`mbr_frame`.
+    extra candidates) the prompt is chosen by MBR with ``scorer`` and the frame has the columns of
+    :func:`promptrec.selection.mbr_frame`.
     """
     ok = usable_text_mask(test).to_numpy()
     rows = test[ok]
@@ -175,52 +157,6 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
                             desc=f"sample x{samples.num_return_sequences}") if conversations else [])
     extra = [next(sampled) if good else [] for good in ok]
     return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, concat_top_k)
-
-
-def mbr_candidates(primary: str, extra: list[str], post: PostprocessConfig, texts=()) -> list[str]:
-    """One row's MBR candidates: the cleaned primary (greedy) answer, the mean prompt, the cleaned samples, in that
-    order (so the greedy answer wins ties); unusable ones dropped, duplicates kept (they are votes)."""
-    cleaned = [clean_prediction(raw, post, texts) for raw in [primary, *extra]]
-    candidates = [cleaned[0], squash(post.mean_prompt), *cleaned[1:]]
-    return [c for c in candidates if c]
-
-
-def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: PostprocessConfig, scorer: Scorer,
-              concat_top_k: int = 1) -> pd.DataFrame:
-    """The MBR prediction frame of :func:`predict_frame` from each row's raw greedy answer and raw samples; rows
-    without text (``ok`` False) have no candidates and get the mean prompt. Besides ``id, rewrite_prompt,
-    raw_prediction``: ``raw_samples`` (JSON list of the raw samples), ``candidates`` (JSON list of
-    :func:`mbr_candidates`), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick before the mean
-    prompt is appended)."""
-    candidates = [mbr_candidates(r, e, post, texts) if good else [] for r, e, good, texts
-                  in zip(raw, extra, ok, sources, strict=True)]
-    live_scores = iter(score_rows([c for c in candidates if c], scorer))
-    scores = [next(live_scores) if c else [] for c in candidates]
-    last = squash(post.mean_prompt) if post.append_mean_prompt else None
-    selected = [combine(c, s, concat_top_k, last=last) if c else "" for c, s in zip(candidates, scores)]
-    return pd.DataFrame({"id": ids, "rewrite_prompt": [finalize(text, post) for text in selected],
-                         "raw_prediction": raw, "raw_samples": [json.dumps(e, ensure_ascii=False) for e in extra],
-                         "selected": selected, "candidates": [json.dumps(c, ensure_ascii=False) for c in candidates],
-                         "mbr_scores": [json.dumps([round(float(x), 4) for x in s]) for s in scores]})
-
-
-def mbr_pick_counts(result: pd.DataFrame, post: PostprocessConfig) -> dict:
-    """How often the MBR pick was the greedy answer, the mean prompt, a sample only, or a concatenation."""
-    mean = squash(post.mean_prompt)
-    counts: Counter = Counter()
-    for selected, candidates in zip(result["selected"], result["candidates"]):
-        candidates = json.loads(candidates)
-        if not candidates:
-            counts["no_text"] += 1
-        elif selected == candidates[0] and selected != mean:
-            counts["greedy"] += 1
-        elif selected == mean:
-            counts["mean_prompt"] += 1
-        elif selected in candidates:
-            counts["sample"] += 1
-        else:
-            counts["concatenation"] += 1
-    return dict(counts)
 
 
 def validate_submission(submission: pd.DataFrame, ids) -> None:

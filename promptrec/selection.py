@@ -7,16 +7,21 @@ others, i.e. the one with the highest expected metric if the true prompt were dr
 candidates. Ties (within 1e-9) go to the lowest index, so the candidate put first (the greedy answer) wins them.
 
 ``concat_top`` joins the top-k distinct candidates, as the competition's top solutions submitted several guesses in
-one prompt. :func:`mbr_choose` does a whole batch of rows with a scorer, embedding every distinct string once.
+one prompt. :func:`mbr_choose` does a whole batch of rows with a scorer, embedding every distinct string once;
+:func:`mbr_frame` is the predict step's MBR output from each row's raw greedy answer and raw samples.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
 
+from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, squash
 from promptrec.scoring import scs_matrix
 
 TIE_DECIMALS = 9  # scores equal to this many decimals tie (sums of the same values in another order differ by ulps)
@@ -111,3 +116,49 @@ def mbr_choose(rows: Sequence[Sequence[str]], scorer: Encoder, top_k: int = 1, s
     """The selected string of each row (``rows[i]``: its candidates, the greedy answer first): the MBR pick, or the
     top-``top_k`` distinct candidates joined (see :func:`combine` for ``last``)."""
     return [combine(row, scores, top_k, sep, last) for row, scores in zip(rows, score_rows(rows, scorer, exponent))]
+
+
+def mbr_candidates(primary: str, extra: list[str], post: PostprocessConfig, texts=()) -> list[str]:
+    """One row's MBR candidates: the cleaned primary (greedy) answer, the mean prompt, the cleaned samples, in that
+    order (so the greedy answer wins ties); unusable ones dropped, duplicates kept (they are votes)."""
+    cleaned = [clean_prediction(raw, post, texts) for raw in [primary, *extra]]
+    candidates = [cleaned[0], squash(post.mean_prompt), *cleaned[1:]]
+    return [c for c in candidates if c]
+
+
+def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: PostprocessConfig, scorer: Encoder,
+              concat_top_k: int = 1) -> pd.DataFrame:
+    """The MBR prediction frame of :func:`promptrec.predict.predict_frame` from each row's raw greedy answer and raw
+    samples; rows without text (``ok`` False) have no candidates and get the mean prompt. Besides ``id,
+    rewrite_prompt, raw_prediction``: ``raw_samples`` (JSON list of the raw samples), ``candidates`` (JSON list of
+    :func:`mbr_candidates`), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick before the mean
+    prompt is appended)."""
+    candidates = [mbr_candidates(r, e, post, texts) if good else [] for r, e, good, texts
+                  in zip(raw, extra, ok, sources, strict=True)]
+    live_scores = iter(score_rows([c for c in candidates if c], scorer))
+    scores = [next(live_scores) if c else [] for c in candidates]
+    last = squash(post.mean_prompt) if post.append_mean_prompt else None
+    selected = [combine(c, s, concat_top_k, last=last) if c else "" for c, s in zip(candidates, scores)]
+    return pd.DataFrame({"id": ids, "rewrite_prompt": [finalize(text, post) for text in selected],
+                         "raw_prediction": raw, "raw_samples": [json.dumps(e, ensure_ascii=False) for e in extra],
+                         "selected": selected, "candidates": [json.dumps(c, ensure_ascii=False) for c in candidates],
+                         "mbr_scores": [json.dumps([round(float(x), 4) for x in s]) for s in scores]})
+
+
+def mbr_pick_counts(result: pd.DataFrame, post: PostprocessConfig) -> dict:
+    """How often the MBR pick was the greedy answer, the mean prompt, a sample only, or a concatenation."""
+    mean = squash(post.mean_prompt)
+    counts: Counter = Counter()
+    for selected, candidates in zip(result["selected"], result["candidates"]):
+        candidates = json.loads(candidates)
+        if not candidates:
+            counts["no_text"] += 1
+        elif selected == candidates[0] and selected != mean:
+            counts["greedy"] += 1
+        elif selected == mean:
+            counts["mean_prompt"] += 1
+        elif selected in candidates:
+            counts["sample"] += 1
+        else:
+            counts["concatenation"] += 1
+    return dict(counts)

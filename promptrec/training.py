@@ -25,6 +25,7 @@ import torch
 
 from promptrec.cli import asdict_all
 from promptrec.models import load_model, parse_dtype
+from promptrec.plots import figure
 from promptrec.policy import RUN_CONFIG, read_run_config
 from promptrec.scoring import ScorerArguments
 from promptrec.tables import DataError, read_table, write_json, write_table
@@ -70,23 +71,30 @@ class FromSFTArguments(EvalArguments):
         "help": "Token budget per text in the recovery prompt; default: the SFT run's (pairs must match it)."})
 
 
+def split_triplets(run_dir: str | Path, side: str) -> pd.DataFrame | None:
+    """The ``side`` (``train`` or ``eval``) triplets of a run's ``split.json`` (written by the SFT run, carried on by
+    DPO runs), re-read from its source file in the saved order; None when the run has none."""
+    path = Path(run_dir) / "split.json"
+    if not path.is_file():
+        return None
+    split = json.loads(path.read_text(encoding="utf-8"))
+    by_id = read_split_triplets(split["source"], split.get("producers", ())).set_index("id")
+    missing = [i for i in split[f"{side}_ids"] if i not in by_id.index]
+    if missing:
+        raise DataError(f"{split['source']}: {len(missing)} {side} id(s) of {path} are gone (e.g. {missing[0]})")
+    return by_id.loc[split[f"{side}_ids"]].reset_index()
+
+
 def sft_eval_triplets(script_args: FromSFTArguments) -> pd.DataFrame | None:
-    """The SCS eval triplets: ``--eval_triplets``, or the SFT run's eval split (``split.json``, re-read from its source
-    file in the saved order), capped at ``eval_scs_samples``; None when the eval is off or there is no split."""
+    """The SCS eval triplets: ``--eval_triplets``, else the SFT run's eval split, capped at ``eval_scs_samples``;
+    None when the eval is off or there is no split."""
     if script_args.eval_scs_samples == 0:
         return None
-    if script_args.eval_triplets:
-        return read_split_triplets(script_args.eval_triplets).head(script_args.eval_scs_samples)
-    split_path = Path(script_args.sft_adapter) / "split.json"
-    if not split_path.exists():
-        logger.warning("No %s and no --eval_triplets: SCS eval skipped", split_path)
-        return None
-    split = json.loads(split_path.read_text(encoding="utf-8"))
-    by_id = read_split_triplets(split["source"], split.get("producers", ())).set_index("id")
-    missing = [i for i in split["eval_ids"] if i not in by_id.index]
-    if missing:
-        raise DataError(f"{split['source']}: {len(missing)} eval id(s) of {split_path} are gone (e.g. {missing[0]})")
-    return by_id.loc[split["eval_ids"]].reset_index().head(script_args.eval_scs_samples)
+    df = (read_split_triplets(script_args.eval_triplets) if script_args.eval_triplets
+          else split_triplets(script_args.sft_adapter, "eval"))
+    if df is None:
+        logger.warning("No split.json in %s and no --eval_triplets: SCS eval skipped", script_args.sft_adapter)
+    return None if df is None else df.head(script_args.eval_scs_samples)
 
 
 # ------------------------------------------------------------------------------------------------ model & LoRA
@@ -313,26 +321,18 @@ def run_config(stage: str, script_args, training_args, model_args, **extra) -> d
 
 def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...]]) -> Path | None:
     """One panel per group of logged keys (e.g. ``("loss", "eval_loss")``) against the step; PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [keys for keys in panels if any(k in row for row in log_history for k in keys)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, keys in zip(axes[0], panels):
-        for key in keys:
-            points = [(row["step"], row[key]) for row in log_history if key in row]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
-        ax.set(xlabel="step", title=keys[0])
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(panels), size=(5 * len(panels), 3.6)) as axes:
+        for ax, keys in zip(axes, panels):
+            for key in keys:
+                points = [(row["step"], row[key]) for row in log_history if key in row]
+                if points:
+                    ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
+            ax.set(xlabel="step", title=keys[0])
+            ax.legend()
+            ax.grid(alpha=0.3)
     return path
 
 

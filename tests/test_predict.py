@@ -14,8 +14,8 @@ import torch
 
 from promptrec.models import ModelNotFoundError, load_model
 from promptrec.policy import load_policy, resolve_base_model, resolve_policy
-from promptrec.postprocess import PostprocessConfig
-from promptrec.predict import PredictArguments, policy_of, predict_file, read_test_table, resolve_mean_prompt
+from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
+from promptrec.predict import PredictArguments, policy_of, predict_file, read_test_table
 from promptrec.tables import DataError, write_json
 
 REPO = Path(__file__).resolve().parents[1]

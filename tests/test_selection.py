@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from promptrec.postprocess import PostprocessConfig
-from promptrec.predict import mbr_candidates, mbr_frame
 from promptrec.selection import (
     combine,
     concat_top,
+    mbr_candidates,
     mbr_choose,
+    mbr_frame,
     mbr_order,
     mbr_scores,
     mbr_select,
