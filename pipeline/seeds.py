@@ -1,0 +1,148 @@
+"""Is a method's gain over SFT larger than training noise? Compare main-job runs that differ only in their seeds.
+
+    python pipeline/seeds.py --runs checkpoints/pipeline/real_gemma_seed2 checkpoints/pipeline/real_gemma_s1 \\
+        checkpoints/pipeline/real_gemma_s2 --known "42: DPO adapter=-0.0129, iterative DPO adapter=+0.0296"
+
+One report of ``pipeline/run.py`` has one training run per method, so its intervals cover which held-out prompts were
+drawn, not how another seed of the same recipe would have trained. Given several runs on the same held-out split
+(same config, other ``candidates:--seed``/``dpo:--seed``), this reports per method:
+
+- each run's paired difference to that run's SFT adapter, with the bootstrap CI over prompt clusters of its report;
+- **across runs**: the mean of those differences with a 95 % t-interval over runs (the training noise), including
+  runs given only as numbers (``--known``, e.g. a run whose folder is gone);
+- the per-row scores averaged over the runs with folders, paired against SFT with the cluster bootstrap.
+
+Writes ``<output_dir>/seeds.md`` and ``seeds.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from comparison import comparison_predictions, paired, row_groups  # pipeline/comparison.py, beside this script
+
+from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.tables import DataError, write_json
+
+
+@dataclass
+class SeedArguments:
+    runs: list[str] = field(default_factory=list, metadata={
+        "help": "Run folders of pipeline/run.py that share the held-out split (predict/ and split/ in each)."})
+    methods: list[str] = field(default_factory=lambda: ["DPO adapter", "iterative DPO adapter", "GRPO adapter"],
+                               metadata={"help": "Report rows to compare with the SFT adapter (matched by prefix)."})
+    known: list[str] = field(default_factory=list, metadata={
+        "help": "Runs given as numbers, 'LABEL: METHOD=DIFF, METHOD=DIFF' (a method's − SFT difference)."})
+    scorer: str = field(default="embedded", metadata={"help": "SCS scorer (the runs' own: see their report.json)."})
+    output_dir: str = field(default="checkpoints/pipeline/seeds", metadata={"help": "Where seeds.md/json go."})
+
+    def __post_init__(self):
+        if len(self.runs) + len(self.known) < 2:
+            raise ValueError("give at least two runs (--runs and --known together)")
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its Student-t interval (NaN bounds with fewer than two values)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return mean, mean - float(half), mean + float(half)
+
+
+def parse_known(entry: str) -> tuple[str, dict[str, float]]:
+    """``"42: DPO adapter=-0.0129, iterative DPO adapter=+0.0296"`` → ``("42", {"DPO adapter": -0.0129, …})``."""
+    label, sep, rest = entry.partition(":")
+    try:
+        values = {name.strip(): float(value) for name, value in (p.split("=") for p in rest.split(",") if p.strip())}
+    except ValueError:
+        values = {}
+    if not sep or not label.strip() or not values:
+        raise DataError(f"--known {entry!r}: expected 'LABEL: METHOD=DIFF, METHOD=DIFF'")
+    return label.strip(), values
+
+
+def find_method(names, prefix: str) -> str | None:
+    """The report row whose name starts with ``prefix`` ("iterative DPO adapter (2 rounds)" for "iterative DPO")."""
+    return next((n for n in names if n.startswith(prefix)), None)
+
+
+def run_scores(runs: list[str], scorer) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Per run: method → per-row SCS on the held-out rows; and the rows' prompt clusters. The runs must hold the same
+    held-out rows in the same order (same split), else :class:`DataError` names the first run that differs."""
+    per_run, ids, groups = [], None, None
+    for run in runs:
+        truth, methods = comparison_predictions(Path(run))
+        if ids is None:
+            ids, groups = list(truth["id"]), row_groups(truth)
+        elif list(truth["id"]) != ids:
+            raise DataError(f"{run}: its held-out rows differ from {runs[0]}'s; compare runs of one split only")
+        per_run.append({name: scorer.score(preds, list(truth["rewrite_prompt"])) for name, preds in methods.items()})
+    return per_run, groups
+
+
+def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -> list[dict]:
+    """Per method: each run's paired difference to SFT, the across-run t-interval, the seed-averaged rows."""
+    known = [parse_known(k) for k in args.known]
+    results = []
+    for prefix in args.methods:
+        runs = []
+        for label, scores in zip(args.runs, per_run):
+            name = find_method(scores, prefix)
+            if name is not None:
+                runs.append({"run": label, **dict(zip(("diff", "low", "high"),
+                                                      paired(scores[name], scores["SFT adapter"], groups)))})
+        runs += [{"run": label, "diff": values[prefix], "low": None, "high": None}
+                 for label, values in known if prefix in values]
+        if len(runs) < 2:
+            continue
+        rows = [s[find_method(s, prefix)] - s["SFT adapter"] for s in per_run if find_method(s, prefix)]
+        pooled = paired(np.mean(rows, axis=0), np.zeros(len(rows[0])), groups) if rows else (None, None, None)
+        results.append({"method": prefix, "runs": runs,
+                        "across_runs": dict(zip(("mean", "low", "high"), t_interval([r["diff"] for r in runs]))),
+                        "row_average": dict(zip(("mean", "low", "high"), pooled), n_runs=len(rows))})
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    def ci(low, high):
+        return "" if low is None or (isinstance(low, float) and math.isnan(low)) else f" ({low:+.3f} … {high:+.3f})"
+
+    lines = ["| method | run | − SFT, paired (95% CI) |", "|---|---|---|"]
+    for r in results:
+        lines += [f"| {r['method']} | {x['run']} | {x['diff']:+.4f}{ci(x['low'], x['high'])} |" for x in r["runs"]]
+        a, p = r["across_runs"], r["row_average"]
+        lines.append(f"| **{r['method']}** | **mean of {len(r['runs'])} runs, t-interval over runs** | "
+                     f"**{a['mean']:+.4f}{ci(a['low'], a['high'])}** |")
+        if p["n_runs"]:
+            lines.append(f"| {r['method']} | rows averaged over {p['n_runs']} runs, cluster bootstrap | "
+                         f"{p['mean']:+.4f}{ci(p['low'], p['high'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: SeedArguments) -> list[dict]:
+    from promptrec.scoring import Scorer
+
+    per_run, groups = run_scores(args.runs, Scorer(args.scorer))
+    results = compare(args, per_run, groups)
+    if not results:
+        raise DataError(f"none of {args.methods} is in two or more runs")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out / "seeds.md").write_text("# Across seeds: − SFT per run and over runs\n\n" + table, encoding="utf-8")
+    write_json({"results": results, "config": asdict(args)}, out / "seeds.json")
+    print(table, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    setup_logging()
+    (seed_args,) = parse_args(SeedArguments)
+    run_main(lambda: main(seed_args))
