@@ -14,11 +14,18 @@ USER_ERRORS = (DataError, ModelNotFoundError, FileNotFoundError)
 
 
 def parse_args(*dataclass_types, args=None):
-    """Parse ``--config recipe.yaml`` plus CLI overrides into the dataclasses (unknown keys are an error)."""
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the dataclasses (unknown keys are an error). A value a
+    dataclass's ``__post_init__`` refuses (ValueError) prints ``error: <one line>`` and exits 2, like argparse's own
+    errors, instead of a traceback."""
     from trl import TrlParser
 
     parser = TrlParser(dataclass_types)
-    return parser.parse_args_and_config(args=args)
+    try:
+        return parser.parse_args_and_config(args=args)
+    except ValueError as err:
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else 'invalid argument'}",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

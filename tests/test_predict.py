@@ -92,6 +92,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert not list(tmp_path.glob("submission*"))
 
 
+def test_cli_bad_flag_value_is_a_one_line_error(tmp_path):
+    """A value a dataclass refuses (here batch_size 0) stops with one line and exit 2, as argparse's own errors do."""
+    out = tmp_path / "submission.csv"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "test.csv", "--output", str(out), "--batch_size",
+                           "0"], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: batch_size and max_new_tokens must be >= 1"
+    assert not out.exists()
+
+
 def test_mean_prompt_from_string_or_json(tmp_path):
     assert resolve_mean_prompt("  Make it  better. ") == "Make it better."
     good = write_json({"mean_prompt": "Rewrite this text.", "score": 0.6}, tmp_path / "mean_prompt.json")
