@@ -96,7 +96,7 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
         for label, scores in zip(args.runs, per_run):
             name = find_method(scores, prefix)
             if name is not None:
-                runs.append({"run": label, **dict(zip(("diff", "low", "high"),
+                runs.append({"run": Path(label).name, **dict(zip(("diff", "low", "high"),
                                                       paired(scores[name], scores["SFT adapter"], groups)))})
         runs += [{"run": label, "diff": values[prefix], "low": None, "high": None}
                  for label, values in known if prefix in values]

@@ -64,7 +64,7 @@ def test_compare_gives_each_runs_gain_and_their_mean(tmp_path):
     per_run, groups = run_scores(args.runs, ExactScorer())
     assert list(groups) == CLUSTERS
     (result,) = compare(args, per_run, groups)  # no run has GRPO: no row for it
-    assert [r["run"] for r in result["runs"]] == [run1, run2, "42"]
+    assert [r["run"] for r in result["runs"]] == ["s1", "s2", "42"]
     assert [r["diff"] for r in result["runs"]] == pytest.approx([0.25, -0.25, 0.5])
     assert result["runs"][2]["low"] is None  # a known run brings no row-level interval
     assert result["across_runs"]["mean"] == pytest.approx(0.5 / 3)
