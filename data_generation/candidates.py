@@ -28,7 +28,7 @@ from promptrec.generation import SamplingParams
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
 from promptrec.policy import Policy, load_sampler, resolve_policy
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction, resolve_mean_prompt
-from promptrec.resumable import run_sharded, write_manifest
+from promptrec.resumable import gather_parts, run_share, write_manifest
 from promptrec.tables import write_table
 from promptrec.templates import recovery_messages
 from promptrec.triplets import read_triplets
@@ -124,6 +124,12 @@ def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) 
     return [{"bank_hard": [bank[j] for j in hard], "bank_random": [bank[j] for j in rand]} for hard, rand in picks]
 
 
+def policy_of(args: CandidateArguments) -> Policy:
+    """The policy to sample: with an adapter, its base, tokenizer and text budget are what the SFT run recorded, so
+    the policy sees the prompt format it was trained on (flags given here win)."""
+    return resolve_policy(args.policy, args.policy_adapter, args.max_text_tokens, args.load_in_4bit)
+
+
 def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: list[str],
                    negatives: dict[str, list[str]]) -> dict:
     """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
@@ -136,10 +142,8 @@ def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: 
             "unusable_samples": sum(not clean_prediction(s) for s in samples)}
 
 
-def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path,
-                        policy: Policy | None) -> pd.DataFrame | None:
-    """Every triplet's candidates, resumably and sharded over processes (``policy`` is sampled when it is among the
-    sources); the merged rows on rank 0, None on the others."""
+def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path) -> None:
+    """Make this process's pending share and append each finished batch to its part (resumable)."""
     def work(todo, writer):
         rows = triplets.iloc[todo].to_dict(orient="records")
         use_true = TRUE_SOURCE in args.sources
@@ -148,6 +152,7 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
         if "policy" not in args.sources:
             writer.append(example_record(r, use_true, mean, [], neg) for r, neg in zip(rows, negatives))
             return
+        policy = policy_of(args)
         n = args.num_samples if args.temperature > 0 else 1
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
         tokenizer, batches = load_sampler(policy, params, args.backend, args.dtype, args.batch_size, args.use_cpu)
@@ -159,7 +164,7 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
             writer.append(example_record(rows[j], use_true, mean, outs, negatives[j])
                           for j, outs in zip(batch, outputs))
 
-    return run_sharded(triplets["id"].tolist(), parts_dir, work, "candidates")
+    run_share(triplets["id"].tolist(), parts_dir, work, "candidates")
 
 
 def main(args: CandidateArguments) -> pd.DataFrame | None:
@@ -168,11 +173,8 @@ def main(args: CandidateArguments) -> pd.DataFrame | None:
     rename = dict(r.split("=", 1) for r in args.rename)
     triplets, counts = read_triplets(args.triplets, args.producers, rename, args.limit, args.seed)
     logger.info("Triplets from %s: %s", args.triplets, counts)
-    # with an adapter, its base, tokenizer and text budget are what its run recorded (flags given here win): the
-    # policy sees the prompt format it trained on, and build_pairs renders the pairs in it (from the manifest)
-    policy = resolve_policy(args.policy, args.policy_adapter, args.max_text_tokens, args.load_in_4bit) \
-        if args.policy_adapter or "policy" in args.sources else None
-    merged = generate_candidates(args, triplets, out / "candidates.parts", policy)
+    generate_candidates(args, triplets, out / "candidates.parts")
+    merged = gather_parts(triplets["id"].tolist(), out / "candidates.parts")
     if merged is None:  # not rank 0
         return None
 
@@ -180,6 +182,8 @@ def main(args: CandidateArguments) -> pd.DataFrame | None:
     long = long.rename(columns={"candidates": "candidate", "sources": "source"}).reset_index(drop=True)
     write_table(long, out / "candidates.parquet")
     write_table(triplets, out / "triplets.parquet")
+    # the policy whose prompt format the pairs must be rendered in (build_pairs reads it back)
+    policy = policy_of(args) if args.policy_adapter or "policy" in args.sources else None
     manifest = write_manifest(
         out / "candidates.manifest.json", start, triplets=counts, examples=len(merged), candidates=len(long),
         per_source=long["source"].value_counts().to_dict(),

@@ -92,18 +92,22 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_sharded(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
-                desc: str) -> pd.DataFrame | None:
-    """The job skeleton. Runs ``work(indices, writer)`` on this process's share of ``ids`` that no part holds yet
-    (``work`` appends each finished row, with its ``id``, to ``writer``, so a killed run resumes where it stopped),
-    waits for every process, and returns the rows of ``ids`` from all parts, in ``ids`` order, on rank 0 (None on
-    the others). Raises :class:`DataError` when a row is missing (a process failed: the same command finishes it)."""
+def run_share(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
+              desc: str) -> None:
+    """Run ``work(indices, writer)`` on this process's share of ``ids`` that no part holds yet; ``work`` appends
+    each finished row (with its ``id``) to ``writer``, so a killed run resumes where it stopped."""
     rank, world = dist_info()
     writer = PartWriter(parts_dir, rank)
     todo = [i for i in shard_items(range(len(ids)), rank, world) if ids[i] not in writer.done_ids]
     logger.info("%s: %d of %d rows to do in this process (rank %d/%d)", desc, len(todo), len(ids), rank, world)
     if todo:
         work(todo, writer)
+
+
+def gather_parts(ids: Sequence, parts_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """After every process's share: the rows of ``ids`` from all parts, in ``ids`` order, on rank 0 (None on the
+    others). Raises :class:`DataError` when a row is missing (a process failed: the same command finishes it)."""
+    rank, world = dist_info()
     if world > 1:  # barrier across the accelerate launch processes
         from accelerate import PartialState
 
@@ -117,6 +121,13 @@ def run_sharded(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[lis
         raise DataError(f"{parts_dir}: {len(wanted) - len(merged)} of {len(wanted)} rows are missing (a process "
                         "failed?); run the same command again to finish them")
     return merged
+
+
+def run_sharded(ids: Sequence, parts_dir: str | os.PathLike, work: Callable[[list[int], PartWriter], None],
+                desc: str) -> pd.DataFrame | None:
+    """The job skeleton: :func:`run_share` then :func:`gather_parts`."""
+    run_share(ids, parts_dir, work, desc)
+    return gather_parts(ids, parts_dir)
 
 
 def write_manifest(path: str | os.PathLike, start: float, **fields) -> dict:
