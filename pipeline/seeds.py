@@ -73,9 +73,10 @@ def find_method(names, prefix: str) -> str | None:
     return next((n for n in names if n.startswith(prefix)), None)
 
 
-def run_scores(runs: list[str], scorer) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Per run: method → per-row SCS on the held-out rows; and the rows' prompt clusters. The runs must hold the same
-    held-out rows in the same order (same split), else :class:`DataError` names the first run that differs."""
+def run_scores(runs: list[str], scorer, prefixes=()) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Per run: method → per-row SCS on the held-out rows (the SFT adapter and the methods named by ``prefixes``);
+    and the rows' prompt clusters. The runs must hold the same held-out rows in the same order (same split), else
+    :class:`DataError` names the first run that differs."""
     per_run, ids, groups = [], None, None
     for run in runs:
         truth, methods = comparison_predictions(Path(run))
@@ -83,7 +84,9 @@ def run_scores(runs: list[str], scorer) -> tuple[list[dict[str, np.ndarray]], np
             ids, groups = list(truth["id"]), row_groups(truth)
         elif list(truth["id"]) != ids:
             raise DataError(f"{run}: its held-out rows differ from {runs[0]}'s; compare runs of one split only")
-        per_run.append({name: scorer.score(preds, list(truth["rewrite_prompt"])) for name, preds in methods.items()})
+        wanted = {name: preds for name, preds in methods.items()
+                  if name == "SFT adapter" or any(name.startswith(p) for p in prefixes)}
+        per_run.append({name: scorer.score(preds, list(truth["rewrite_prompt"])) for name, preds in wanted.items()})
     return per_run, groups
 
 
@@ -129,7 +132,7 @@ def markdown(results: list[dict]) -> str:
 def main(args: SeedArguments) -> list[dict]:
     from promptrec.scoring import Scorer
 
-    per_run, groups = run_scores(args.runs, Scorer(args.scorer))
+    per_run, groups = run_scores(args.runs, Scorer(args.scorer), args.methods)
     results = compare(args, per_run, groups)
     if not results:
         raise DataError(f"none of {args.methods} is in two or more runs")

@@ -23,9 +23,14 @@ def parse_args(*dataclass_types, args=None):
     try:
         return parser.parse_args_and_config(args=args)
     except ValueError as err:
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else 'invalid argument'}",
-              file=sys.stderr)
-        sys.exit(2)
+        _exit_with(err)
+
+
+def _exit_with(err: Exception) -> None:
+    """Print ``error: <first line of err>`` to stderr and exit 2."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -40,9 +45,7 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(err)
 
 
 def asdict_all(*objs) -> dict:

@@ -61,8 +61,8 @@ def test_compare_gives_each_runs_gain_and_their_mean(tmp_path):
     run1 = make_run(tmp_path, "s1", sft, ["Make it a poem.", "Make it formal.", "no", "no"])  # +1 row: +0.25
     run2 = make_run(tmp_path, "s2", sft, ["no", "no", "no", "no"])  # −1 row: −0.25
     args = SeedArguments(runs=[run1, run2], methods=["DPO adapter", "GRPO adapter"], known=["42: DPO adapter=0.5"])
-    per_run, groups = run_scores(args.runs, ExactScorer())
-    assert list(groups) == CLUSTERS
+    per_run, groups = run_scores(args.runs, ExactScorer(), args.methods)
+    assert list(groups) == CLUSTERS and "constant" not in str(set(per_run[0]))  # baselines are not scored
     (result,) = compare(args, per_run, groups)  # no run has GRPO: no row for it
     assert [r["run"] for r in result["runs"]] == ["s1", "s2", "42"]
     assert [r["diff"] for r in result["runs"]] == pytest.approx([0.25, -0.25, 0.5])
