@@ -8,8 +8,11 @@ Variants, each in its own process, one epoch over the same pairs:
                       same base (dpo/train.py's default: one base in memory)
   precomputed_ref     precompute_ref_log_probs=True: one reference pass before training, none during it
   separate_ref_model  a second full model (base + SFT adapter merged) passed as ref_model (what we avoid)
+  precomputed_bf16_autocast  precomputed reference, fp32 weights, bf16 autocast: what the pipeline trained with before
+                      the fast CPU path (on a CPU with bf16 instructions)
+  precomputed_bf16_weights   the same over bf16 base weights (the LoRA adapter stays fp32, PEFT's default upcast)
 Prints tokens/s of the training steps, the epoch time including the reference pass, peak RSS, and the ratios:
-online / precomputed epoch time and step time, separate-model / shared-base peak memory.
+online / precomputed epoch time and step time, separate-model / shared-base peak memory, bf16 weights / bf16 autocast.
 Without ``--pairs``, pairs come from ``--triplets``: chosen = the true prompt, rejected = another row's prompt.
 Without ``--sft_adapter``, a fresh LoRA adapter (r=16, all projections) stands in for the SFT one.
 """
@@ -25,9 +28,14 @@ from pathlib import Path
 from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variants
 
 from promptrec.cli import parse_args, run_main
+from promptrec.environment import describe_environment, environment_line
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("online_ref", "precomputed_ref", "separate_ref_model")
+# name → (precompute_ref_log_probs, separate ref model, base dtype, bf16 autocast)
+VARIANTS = {"online_ref": (False, False, "float32", False), "precomputed_ref": (True, False, "float32", False),
+            "separate_ref_model": (False, True, "float32", False),
+            "precomputed_bf16_autocast": (True, False, "float32", True),
+            "precomputed_bf16_weights": (True, False, "bfloat16", True)}
 
 
 @dataclass
@@ -90,19 +98,20 @@ def run_one(args: BenchArguments) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("embedded")
     dataset = bench_pairs(args)
+    precompute, separate, dtype, bf16 = VARIANTS[args.variant]
     with tempfile.TemporaryDirectory() as tmp:
         adapter = adapter_dir(args, str(Path(tmp) / "adapter"))
         before_model = peak_rss_mb()
-        policy = load_model("embedded", adapter=adapter, dtype="float32", is_trainable=True)
+        policy = load_model("embedded", adapter=adapter, dtype=dtype, is_trainable=True)
         ref_model = None
-        if args.variant == "separate_ref_model":
+        if separate:
             ref_model = load_model("embedded", adapter=adapter, dtype="float32").merge_and_unload()
         timer = StepTimer(warmup=1)
-        training_args = DPOConfig(output_dir=str(Path(tmp) / "out"), use_cpu=True, bf16=False, report_to="none",
+        training_args = DPOConfig(output_dir=str(Path(tmp) / "out"), use_cpu=True, bf16=bf16, report_to="none",
                                   num_train_epochs=1, logging_steps=1, save_strategy="no", learning_rate=5e-5,
                                   per_device_train_batch_size=args.batch_size, gradient_checkpointing=False,
                                   max_length=512, seed=args.seed,
-                                  precompute_ref_log_probs=args.variant == "precomputed_ref")
+                                  precompute_ref_log_probs=precompute)
         start = time.perf_counter()
         trainer = DPOTrainer(model=policy, ref_model=ref_model, args=training_args, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[timer])
@@ -117,19 +126,24 @@ def main(args: BenchArguments) -> dict:
     if args.variant:
         emit(run_one(args))
         return {}
+    dtypes = "float32, bfloat16 autocast over float32 weights (*_bf16_autocast), bfloat16 (*_bf16_weights)"
+    environment = describe_environment(training_dtype=dtypes) | {"torch_threads": args.threads}
+    print(environment_line(environment), flush=True)
     results = run_variants(__file__, args, VARIANTS)
     print_table(results, ["tokens_per_s", "seconds", "epoch_s", "peak_rss_mb", "train_mem_mb"])
-    online, pre, separate = (results.get(n, {}) for n in VARIANTS)
+    online, pre, separate, autocast, weights = (results.get(n, {}) for n in VARIANTS)
     ratios = {
         "online / precomputed epoch time (incl. reference pass)": ratio(online.get("epoch_s"), pre.get("epoch_s")),
         "precomputed / online step tokens/s": ratio(pre.get("tokens_per_s"), online.get("tokens_per_s")),
         "separate ref model / shared base peak RSS": ratio(separate.get("peak_rss_mb"), online.get("peak_rss_mb")),
         "separate ref model / shared base training memory": ratio(separate.get("train_mem_mb"),
                                                                    online.get("train_mem_mb")),
+        "bf16 weights / bf16 autocast step tokens/s": ratio(weights.get("tokens_per_s"), autocast.get("tokens_per_s")),
+        "bf16 weights / bf16 autocast epoch time": ratio(weights.get("epoch_s"), autocast.get("epoch_s")),
     }
     for key, value in ratios.items():
         print(f"{key}: {value}")
-    return {"results": results, "ratios": ratios}
+    return {"results": results, "ratios": ratios, "environment": environment}
 
 
 if __name__ == "__main__":

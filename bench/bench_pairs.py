@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.environment import describe_environment, environment_line
 from promptrec.pairs import STRATEGIES, build_pairs
 from promptrec.triplets import read_triplets
 
@@ -99,10 +100,12 @@ def bench_ranking(args: BenchArguments, triplets) -> dict:
 
 
 def main(args: BenchArguments) -> dict:
+    environment = describe_environment(generation_dtype="float32")
+    print(environment_line(environment), flush=True)
     triplets, _ = read_triplets(args.triplets, args.producers, seed=args.seed)
     triplets = triplets.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
     figures = {"sampling": bench_sampling(args, triplets), "ranking": bench_ranking(args, triplets),
-               "config": asdict(args)}
+               "config": asdict(args), "environment": environment}
     print(json.dumps(figures, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

@@ -1,18 +1,22 @@
-"""Benchmark prediction throughput: batched (length-sorted, left-padded) vs one row at a time, and greedy vs MBR.
+"""Benchmark prediction throughput: dtype × batch size × KV cache, batched vs one row at a time, greedy vs MBR.
 
-    python bench/bench_predict.py                         # CPU, embedded SmolLM2, 200 rows of ../shared/data
-    python bench/bench_predict.py --rows 32 --max_new_tokens 24   # quick, on a busy CPU
+    python bench/bench_predict.py                         # CPU, embedded SmolLM2, 96 rows of ../shared/data
+    python bench/bench_predict.py --rows 32 --max_new_tokens 24 --variants float32:8:dynamic auto:32:auto   # quick
     python bench/bench_predict.py --gpu                   # random-init Mistral-7B shape in 4-bit; skips without CUDA
-    python bench/bench_predict.py --rows 8 --single_rows 0 --max_new_tokens 16 --mbr_candidates 4   # greedy vs MBR
+    python bench/bench_predict.py --single_rows 32 --mbr_candidates 4   # also one row at a time, and greedy vs MBR
 
-Both modes time ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
-the same real rows, first with ``--batch_size`` then with batch size 1, and print rows/s, the ratio and the time
-~1,400 test rows would take against Kaggle's 9-hour limit. With ``--mbr_candidates N`` (default 4; 0 skips) the same
-rows are also predicted with ``--selection mbr`` (the greedy answer + N samples per row, embedded and ranked by the
-scorer) and the MBR / greedy time ratio is printed; ``--single_rows 0`` skips the one-at-a-time run.
-``--gpu`` builds Mistral-7B-Instruct's shape with random weights (saved once to ``--gpu_model_dir`` in bf16, then
-loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer: random weights rarely emit EOS, so every row generates
-``max_new_tokens`` — an upper bound on time.
+Every variant times ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
+the same real rows. A variant is ``DTYPE:BATCH:CACHE``: DTYPE float32, bfloat16 or auto
+(:func:`promptrec.models.generation_dtype`: bf16 on a CPU with bf16 instructions), CACHE dynamic (transformers'
+default), static or auto (:class:`promptrec.generation.SamplingParams`: static on the CPU). The first variant is the
+baseline (``float32:8:dynamic``, the defaults before the fast CPU path); the last is today's default
+(``auto:32:auto``). Printed per variant: rows/s, × the baseline, greedy answers identical to the baseline's, and the
+peak resident memory (each variant runs in its own process). Then the time ~1,400 test rows would take against
+Kaggle's 9-hour limit at today's default. ``--single_rows N`` also times batch size 1 on N rows; ``--mbr_candidates N``
+also times ``--selection mbr`` (greedy + N samples per row). ``--gpu`` builds Mistral-7B-Instruct's shape with random
+weights (saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer:
+random weights rarely emit EOS, so every row generates ``max_new_tokens`` (an upper bound on time); it times
+``auto:BATCH:auto`` only.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from train_bench import emit, peak_rss_mb, run_variant, to_argv  # bench/train_bench.py, beside this script
 
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.corpus import REFERENCE, reference_triplets_path
+from promptrec.environment import describe_environment, environment_line
 from promptrec.generation import SamplingParams
-from promptrec.models import load_model, load_tokenizer
+from promptrec.models import generation_dtype, load_model, load_tokenizer
 from promptrec.postprocess import PostprocessConfig
 from promptrec.predict import predict_frame, usable_text_mask
 from promptrec.scoring import Scorer
@@ -36,6 +42,9 @@ from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE_ROWS = 1400
 KAGGLE_LIMIT_S = 9 * 3600
+# The defaults before the fast CPU path first (the ratios' baseline), today's default last.
+VARIANTS = ("float32:8:dynamic", "float32:32:dynamic", "bfloat16:8:dynamic", "bfloat16:32:dynamic",
+            "bfloat16:16:static", "bfloat16:64:static", "auto:32:auto")
 
 
 @dataclass
@@ -44,23 +53,26 @@ class BenchArguments:
         "help": "Triplets whose original_text, rewritten_text are the test rows: a file or 'reference' (bundled)."})
     tokenizer: str = field(default="embedded", metadata={
         "help": "Tokenizer dir ('embedded': SmolLM2's; scripts/gpu_wheels.sh saves it for a bare GPU machine)."})
-    rows: int = field(default=200, metadata={"help": "Rows to predict in each mode."})
-    single_rows: int | None = field(default=None, metadata={
-        "help": "Rows for the one-at-a-time run (default: --rows; 0 skips it); fewer keeps a slow CPU run short."})
-    batch_size: int = field(default=8, metadata={"help": "Batch size of the batched run."})
+    rows: int = field(default=96, metadata={"help": "Rows to predict in each variant."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={
+        "help": "DTYPE:BATCH:CACHE variants; the first is the baseline of the ratios, the last today's default."})
+    single_rows: int = field(default=0, metadata={
+        "help": "Also time batch size 1 on this many rows, at today's default dtype and cache (0 skips it)."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per row (greedy)."})
-    max_text_tokens: int = field(default=256, metadata={"help": "Token budget per text in the recovery prompt."})
+    max_text_tokens: int = field(default=64, metadata={
+        "help": "Token budget per text in the recovery prompt (64: the main job's and the real-Gemma config's)."})
     gpu: bool = field(default=False, metadata={
         "help": "Benchmark a random-init Mistral-7B-shaped model in 4-bit on CUDA instead (skips without CUDA)."})
     gpu_model_dir: str = field(default="/tmp/promptrec-mistral7b-random", metadata={
         "help": "Where the random Mistral-7B-shaped model is saved once (~15 GB in bf16)."})
-    mbr_candidates: int = field(default=4, metadata={
+    mbr_candidates: int = field(default=0, metadata={
         "help": "Also time --selection mbr with this many samples per row (0: skip)."})
     mbr_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the MBR candidates."})
     scorer: str = field(default="auto", metadata={
         "help": "MBR scorer: 'auto' (sentence-t5-base when loadable, else the embedded MiniLM), 'embedded', a dir."})
     seed: int = field(default=0, metadata={"help": "Row sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
+    variant: str | None = field(default=None, metadata={"help": "(internal) run one variant in this process."})
 
 
 def load_rows(args: BenchArguments):
@@ -106,28 +118,88 @@ def random_model_dir(path: str, tokenizer, num_hidden_layers: int = 32, device: 
     return str(target)
 
 
-def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, scorer: Scorer | None = None
-                 ) -> dict:
-    """Time ``predict_frame`` on ``test``: greedy, or MBR with ``args.mbr_candidates`` samples when ``scorer``."""
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+def parse_variant(text: str) -> tuple[str, int, str]:
+    """``"bfloat16:32:static"`` → ``("bfloat16", 32, "static")``."""
+    try:
+        dtype, batch, cache = text.split(":")
+        if cache not in ("auto", "static", "dynamic") or int(batch) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"variant {text!r}: expected DTYPE:BATCH:CACHE, e.g. bfloat16:32:static") from None
+    return dtype, int(batch), cache
+
+
+def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, scorer: Scorer | None = None,
+                 kv_cache: str = "auto") -> tuple[dict, list[str]]:
+    """Time ``predict_frame`` on ``test``: greedy, or MBR with ``args.mbr_candidates`` samples when ``scorer``.
+    Returns the figures and the raw greedy answers."""
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, kv_cache=kv_cache)
     samples = None
     if scorer is not None:
         samples = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.mbr_temperature,
-                                 num_return_sequences=args.mbr_candidates, seed=args.seed + 1)
+                                 num_return_sequences=args.mbr_candidates, seed=args.seed + 1, kv_cache=kv_cache)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     result = predict_frame(test, model, tokenizer, PostprocessConfig(), params, batch_size, args.max_text_tokens,
-                           progress=True, samples=samples, scorer=scorer)
+                           progress=False, samples=samples, scorer=scorer)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     texts = list(result["raw_prediction"])
+    answers = list(texts)
     if "raw_samples" in result:
         texts += [t for samples in result["raw_samples"] for t in json.loads(samples)]
     new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return {"batch_size": batch_size, "rows": len(test), "seconds": round(seconds, 2),
-            "rows_per_s": round(len(test) / seconds, 4), "new_tokens_per_s": round(new_tokens / seconds, 1)}
+            "rows_per_s": round(len(test) / seconds, 4), "new_tokens_per_s": round(new_tokens / seconds, 1)}, answers
+
+
+def load_variant_model(args: BenchArguments, dtype: str, tokenizer):
+    """The embedded SmolLM2 in ``dtype`` (``auto`` resolved by :func:`generation_dtype`), or on ``--gpu`` the random
+    Mistral-7B shape in 4-bit; ``(model, label, load seconds)``."""
+    start = time.perf_counter()
+    if args.gpu:
+        model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)
+        label = f"random-init Mistral-7B shape, 4-bit NF4, {torch.cuda.get_device_name()}"
+    else:
+        resolved = generation_dtype(dtype)
+        model = load_model("embedded", dtype=resolved).eval()
+        label = f"embedded SmolLM2-135M, CPU with {torch.get_num_threads()} threads"
+    return model, label, time.perf_counter() - start
+
+
+def run_one(args: BenchArguments) -> dict:
+    """Child process: time ``args.variant`` after a warm-up; figures, answers and memory for the parent."""
+    dtype, batch, cache = parse_variant(args.variant)
+    test = load_rows(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    model, label, load_s = load_variant_model(args, dtype, tokenizer)
+    time_predict(test.head(4), model, tokenizer, args, 4, kv_cache=cache)  # warm-up: kernels, caches
+    loaded = peak_rss_mb()
+    figures, answers = time_predict(test, model, tokenizer, args, batch, kv_cache=cache)
+    peak = peak_rss_mb()
+    resolved = "4-bit" if args.gpu else str(generation_dtype(dtype)).removeprefix("torch.")
+    return {**figures, "variant": args.variant, "dtype": resolved, "kv_cache": cache, "model": label,
+            "load_s": round(load_s, 1), "peak_rss_mb": peak, "generation_mem_mb": round(peak - loaded, 1),
+            "answers": answers}
+
+
+def run_all_variants(args: BenchArguments) -> list[dict]:
+    """Each variant in its own process (peak memory is per process); ratios and agreement against the first."""
+    results, baseline = [], None
+    for text in args.variants:
+        parse_variant(text)  # fail before any run on a malformed variant
+        figures = run_variant(__file__, text, to_argv(args))
+        answers = figures.pop("answers")
+        baseline = baseline or (figures, answers)
+        figures.update(speedup=round(figures["rows_per_s"] / baseline[0]["rows_per_s"], 2),
+                       identical_to_baseline=sum(a == b for a, b in zip(answers, baseline[1])))
+        results.append(figures)
+        print(f"  {text:>20}: {figures['rows_per_s']:.3f} rows/s, x{figures['speedup']:.2f}, "
+              f"{figures['identical_to_baseline']}/{len(answers)} answers as the baseline's, peak RSS "
+              f"{figures['peak_rss_mb']:.0f} MB (+{figures['generation_mem_mb']:.0f} MB generating)", flush=True)
+    return results
 
 
 def main(args: BenchArguments) -> None:
@@ -135,54 +207,49 @@ def main(args: BenchArguments) -> None:
     if args.gpu and not torch.cuda.is_available():
         print("CUDA is not available: skipping the --gpu benchmark.")
         return
+    if args.variant:
+        emit(run_one(args))
+        return
+    if args.gpu:
+        args.variants = [args.variants[-1]]
+    print(environment_line(describe_environment(generation_dtype=", ".join(args.variants))), flush=True)
+    print(f"{args.rows} rows, {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens; "
+          f"baseline {args.variants[0]}, today's default {args.variants[-1]}", flush=True)
+    variants = run_all_variants(args)
+    default = variants[-1]
+    label, load_s = default["model"], default["load_s"]
     test = load_rows(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    start = time.perf_counter()
-    if args.gpu:
-        model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)
-        label = f"random-init Mistral-7B shape, 4-bit NF4, {torch.cuda.get_device_name()}"
-    else:
-        model = load_model("embedded", dtype="float32")
-        label = f"embedded SmolLM2-135M, fp32, CPU with {torch.get_num_threads()} threads"
-    load_s = time.perf_counter() - start
-    scorer = Scorer(args.scorer) if args.mbr_candidates > 0 else None
-    time_predict(test.head(2), model, tokenizer, args, 2, scorer)  # warm-up (kernels, caches, the scorer's load)
-
-    batched = time_predict(test, model, tokenizer, args, args.batch_size)
-    figures = {"model": label, "load_s": round(load_s, 1), "max_new_tokens": args.max_new_tokens,
-               "max_text_tokens": args.max_text_tokens, "batched": batched}
-    single_rows = args.rows if args.single_rows is None else args.single_rows
-    if single_rows:
-        single = time_predict(test.head(single_rows), model, tokenizer, args, 1)
-        figures.update(one_at_a_time=single, speedup=round(batched["rows_per_s"] / single["rows_per_s"], 2))
-    if scorer is not None:
-        mbr = time_predict(test, model, tokenizer, args, args.batch_size, scorer)
+    figures = {"model": label, "max_new_tokens": args.max_new_tokens, "max_text_tokens": args.max_text_tokens,
+               "variants": variants, "default_over_baseline": default["speedup"]}
+    dtype, batch, cache = parse_variant(args.variants[-1])
+    model = None
+    if args.single_rows or args.mbr_candidates:
+        model, _, _ = load_variant_model(args, dtype, tokenizer)
+    if args.single_rows:
+        single, _ = time_predict(test.head(args.single_rows), model, tokenizer, args, 1, kv_cache=cache)
+        speedup = round(default["rows_per_s"] / single["rows_per_s"], 2)
+        figures.update(one_at_a_time=single, batched_over_single=speedup)
+    if args.mbr_candidates:
+        scorer = Scorer(args.scorer)
+        time_predict(test.head(2), model, tokenizer, args, 2, scorer, kv_cache=cache)  # warm-up: the scorer's load
+        mbr, _ = time_predict(test, model, tokenizer, args, batch, scorer, kv_cache=cache)
         figures.update(mbr=dict(mbr, candidates=args.mbr_candidates, scorer=scorer.name),
-                       mbr_over_greedy=round(mbr["seconds"] / batched["seconds"], 2))
-    kaggle_s = load_s + KAGGLE_ROWS / batched["rows_per_s"]
+                       mbr_over_greedy=round(mbr["seconds"] / default["seconds"], 2))
+    kaggle_s = load_s + KAGGLE_ROWS / default["rows_per_s"]
     figures["kaggle_1400_rows_s"] = round(kaggle_s, 1)
     figures["kaggle_fraction_of_9h"] = round(kaggle_s / KAGGLE_LIMIT_S, 4)
-    if "mbr" in figures:
-        figures["kaggle_1400_rows_mbr_s"] = round(load_s + KAGGLE_ROWS / figures["mbr"]["rows_per_s"], 1)
 
     print(f"\n{label}; {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens")
-    runs = [("batched", "batched"), ("one at a time", "one_at_a_time"), (f"mbr (N={args.mbr_candidates})", "mbr")]
-    for name, key in runs:
-        if key in figures:
-            fig = figures[key]
-            print(f"  {name:>14} (batch {fig['batch_size']:>2}, {fig['rows']} rows): {fig['rows_per_s']:.3f} rows/s, "
-                  f"{fig['new_tokens_per_s']:.1f} new tokens/s, {fig['seconds']:.1f}s")
-    if "speedup" in figures:
-        print(f"  batched / one at a time: {figures['speedup']:.2f}x")
+    print(f"  today's default {args.variants[-1]} / baseline {args.variants[0]}: x{default['speedup']:.2f} rows/s")
+    if "one_at_a_time" in figures:
+        print(f"  batched / one at a time ({args.single_rows} rows): x{figures['batched_over_single']:.2f}")
     if "mbr" in figures:
-        print(f"  mbr (greedy + {args.mbr_candidates} samples, {figures['mbr']['scorer']}) / greedy, both batched: "
+        print(f"  mbr (greedy + {args.mbr_candidates} samples, {figures['mbr']['scorer']}) / greedy: "
               f"{figures['mbr_over_greedy']:.2f}x the time")
     where = " (this GPU; a Kaggle T4 is several times slower)" if args.gpu else ""
     print(f"  ~{KAGGLE_ROWS} rows: {kaggle_s / 60:.1f} min incl. {load_s:.0f}s load = "
           f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h{where}")
-    if "mbr" in figures:
-        print(f"  ~{KAGGLE_ROWS} rows with mbr: {figures['kaggle_1400_rows_mbr_s'] / 60:.1f} min = "
-              f"{100 * figures['kaggle_1400_rows_mbr_s'] / KAGGLE_LIMIT_S:.1f}% of Kaggle's 9 h{where}")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": asdict(args), **figures}, indent=2) + "\n")
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from promptrec import corpus
+from promptrec.environment import describe_environment, environment_line, model_dtype
 from promptrec.generation import SamplingParams, generate
 from promptrec.models import load_model, load_tokenizer
 from promptrec.templates import rewrite_messages
@@ -31,6 +32,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32").eval()
+    environment = describe_environment(generation_dtype=model_dtype(model))
+    print(environment_line(environment), flush=True)
     jobs = corpus.make_jobs(corpus.seed_texts(), corpus.prompt_bank(), 1, seed=0, max_pairs=args.pairs)
     convs = [rewrite_messages(p, t, tokenizer) for p, t in zip(jobs.rewrite_prompt, jobs.original_text)]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -48,7 +51,7 @@ def main() -> None:
     summary = {"pairs": len(convs), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads(),
                **{f"{k}_rewrites_per_s": v["rewrites_per_s"] for k, v in results.items()},
-               "speedup": round(ratio, 2), "exact_matches": f"{same}/{len(convs)}"}
+               "speedup": round(ratio, 2), "exact_matches": f"{same}/{len(convs)}", "environment": environment}
     for key, value in summary.items():
         print(f"{key:>32}: {value}")
     if args.output:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.environment import describe_environment, environment_line
 from promptrec.scoring import Scorer, ScorerArguments, scs
 from promptrec.tables import DataError, read_table
 
@@ -115,7 +116,8 @@ def bench_mean_prompt(args: BenchArguments, scorer_args: ScorerArguments) -> dic
 
 def main(args: BenchArguments, scorer_args: ScorerArguments) -> dict:
     setup_logging()
-    result = {"scorer": scorer_args.scorer}
+    result = {"scorer": scorer_args.scorer, "environment": describe_environment()}
+    print(environment_line(result["environment"]), flush=True)
     if not args.skip_scoring:
         table = read_table(args.prompts, required=[args.prompt_column], text_columns=[args.prompt_column])
         prompts = sorted({" ".join(p.split()) for p in table[args.prompt_column]})

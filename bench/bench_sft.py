@@ -4,14 +4,17 @@
     python bench/bench_sft.py --variants fp32_padded nf4_padded --steps 2 --rows 24   # quick, on a busy machine
 
 Variants, each in its own process (peak memory is per process), on the same rows and batch size:
-  fp32_padded        fp32 weights, batches padded to their longest row (the smollm2 recipe, random order)
+  fp32_padded        fp32 weights, batches padded to their longest row, random order
   fp32_grouped       same, length-grouped batches (train_sampling_strategy=group_by_length)
   fp32_padding_free  rows flattened into one sequence per batch, no padding (padding_free=True)
   fp32_packed        best-fit-decreasing packing into sequences of batch_size x mean row length (packing=True)
   bf16_autocast      fp32 weights, bf16 autocast (bf16=True): the CPU here has avx512_bf16
+  bf16_autocast_grouped  bf16 autocast + length-grouped batches: what the pipeline trained with before the fast path
+  bf16_weights_grouped   bf16 base weights (fp32 LoRA adapter, PEFT's default upcast) + bf16 autocast + grouped
+  bf16_weights_padding_free  the same, padding-free
   nf4_padded         4-bit NF4 base (QLoRA), fp32 compute
 Prints trained tokens/s (non-padding tokens, steps after the first), peak RSS, the model's memory footprint, and
-the ratios: padding-free / packed / grouped vs padded, bf16 vs fp32, 4-bit vs 32-bit memory.
+the ratios of each variant's tokens/s to fp32_padded's and to bf16_autocast_grouped's, and 4-bit vs 32-bit memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from train_bench import StepTimer, emit, peak_rss_mb, print_table, ratio, run_variants
 
 from promptrec.cli import parse_args, run_main
+from promptrec.environment import describe_environment, environment_line
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -31,6 +35,9 @@ VARIANTS = {
     "fp32_padding_free": {"padding_free": True},
     "fp32_packed": {"packing": True},
     "bf16_autocast": {"bf16": True},
+    "bf16_autocast_grouped": {"bf16": True, "train_sampling_strategy": "group_by_length"},
+    "bf16_weights_grouped": {"dtype": "bfloat16", "bf16": True, "train_sampling_strategy": "group_by_length"},
+    "bf16_weights_padding_free": {"dtype": "bfloat16", "bf16": True, "padding_free": True},
     "nf4_padded": {"load_in_4bit": True},
 }
 
@@ -61,8 +68,8 @@ def run_one(args: BenchArguments) -> dict:
 
     torch.set_num_threads(args.threads)
     options = dict(VARIANTS[args.variant])
-    model_args = ModelConfig(model_name_or_path="embedded", dtype="float32", lora_r=16, lora_alpha=32,
-                             load_in_4bit=options.pop("load_in_4bit", False), use_bnb_nested_quant=True)
+    model_args = ModelConfig(model_name_or_path="embedded", dtype=options.pop("dtype", "float32"), lora_r=16,
+                             lora_alpha=32, load_in_4bit=options.pop("load_in_4bit", False), use_bnb_nested_quant=True)
     tokenizer = load_tokenizer("embedded")
     dataset = sft_dataset(read_split_triplets(args.triplets, args.producers, args.rows, args.seed), tokenizer,
                           args.max_text_tokens)
@@ -94,6 +101,9 @@ def main(args: BenchArguments) -> dict:
     if args.variant:
         emit(run_one(args))
         return {}
+    dtypes = "float32, bfloat16 autocast over float32 weights (bf16_autocast*), bfloat16 (bf16_weights*)"
+    environment = describe_environment(training_dtype=dtypes) | {"torch_threads": args.threads}  # the children's
+    print(environment_line(environment), flush=True)
     results = run_variants(__file__, args, VARIANTS)
     print_table(results, ["tokens_per_s", "seconds", "tokens", "peak_rss_mb", "train_mem_mb", "model_mb"])
     base = results.get("fp32_padded", {})
@@ -103,9 +113,12 @@ def main(args: BenchArguments) -> dict:
         nf4 = results["nf4_padded"]
         speed["nf4 / fp32 model memory"] = ratio(nf4["model_mb"], base.get("model_mb"))
         speed["nf4 / fp32 training memory (peak - before load)"] = ratio(nf4["train_mem_mb"], base.get("train_mem_mb"))
+    today = results.get("bf16_autocast_grouped", {})
+    speed.update({f"{n} / bf16_autocast_grouped tokens/s": ratio(results[n]["tokens_per_s"], today.get("tokens_per_s"))
+                  for n in results if n.startswith("bf16_weights") and today})
     for key, value in speed.items():
         print(f"{key}: {value}")
-    return {"results": results, "ratios": speed}
+    return {"results": results, "ratios": speed, "environment": environment}
 
 
 if __name__ == "__main__":

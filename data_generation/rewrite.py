@@ -52,7 +52,8 @@ class RewriteArguments:
     min_words: int = field(default=5, metadata={"help": "Texts with fewer words are dropped as near-empty."})
     generator: str = field(default="embedded", metadata={"help": "Generator: hub id, local dir or 'embedded'."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the generator in 4-bit (bitsandbytes)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32…"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on a GPU, and on a CPU with bf16 instructions; else fp32), bfloat16, float32…"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, if installed)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per generate call (length-sorted, left-padded)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per rewrite."})

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from promptrec.environment import NOT_RECORDED, describe_environment, environment_line
 from promptrec.evaluation import bootstrap_ci
 from promptrec.plots import figure
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postprocess, resolve_mean_prompt
@@ -121,6 +122,25 @@ def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer) ->
     return rows
 
 
+def recorded_dtypes(run_dir: Path) -> tuple[str, str]:
+    """The training dtype the SFT run recorded (``sft/run_config.json``) and the generation dtype(s) the predict
+    step recorded (``predict/*.config.json``), each under ``environment``; "not recorded" where a run lacks them."""
+
+    def recorded(path: Path, key: str) -> str | None:
+        return json.loads(path.read_text()).get("environment", {}).get(key) if path.is_file() else None
+
+    training = recorded(run_dir / "sft" / "run_config.json", "training_dtype")
+    generation = {recorded(path, "generation_dtype") for path in (run_dir / "predict").glob("*.config.json")}
+    return training or NOT_RECORDED, ", ".join(sorted(filter(None, generation))) or NOT_RECORDED
+
+
+def ran_on(run_dir: Path) -> dict:
+    """The report's "Ran on" entry: :func:`promptrec.environment.describe_environment` at report time, with the
+    dtypes the run's training and predict steps recorded (:func:`recorded_dtypes`)."""
+    training, generation = recorded_dtypes(run_dir)
+    return describe_environment(training_dtype=training, generation_dtype=generation)
+
+
 def _fmt_diff(r: dict) -> str:
     return "—" if r["vs_sft"] is None else f"{r['vs_sft']:+.4f} ({r['vs_sft_low']:+.3f} … {r['vs_sft_high']:+.3f})"
 
@@ -154,12 +174,14 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
             (name, greedy_of(name, by_name)) for name in by_name if name.startswith("MBR decoding")]:
         comparisons[f"{a} − {b}"] = paired(np.array(by_name[a]["scores"]), np.array(by_name[b]["scores"]), groups)
     sft_base = comparisons["SFT adapter − base model, zero-shot"]
+    environment = ran_on(run_dir)
     md = [f"# Prompt recovery: held-out comparison ({run_dir.name})", "",
           f"Data: {source}. {len(truth)} held-out rows ({truth['rewrite_prompt'].nunique()} prompts) held out by "
           f"prompt {config.get('split_by', 'prompt')}: no stage trained on them or on their near-duplicates. "
           f"Scorer {identity['model']} (SCS = cos^{identity['exponent']:g}); base model `{config['model']}`, size "
           f"`{config['size']}`. Intervals: 95% bootstrap over "
           f"{'prompt clusters' if groups is not None else 'rows'}; paired differences are over the same rows.", "",
+          f"Ran on: {environment_line(environment)}.", "",
           table, "", *[f"{name}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
                        for name, (m, lo, hi) in comparisons.items()], "", "What each row is:", ""]
     md += [f"- **{r['method']}**: {describe(r['method'])}" for r in rows]
@@ -183,7 +205,7 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
                for r in rows]
     write_json({"rows": summary, "n": len(truth), "sft_minus_base": dict(zip(("mean", "low", "high"), sft_base)),
                 "paired": {name: dict(zip(("mean", "low", "high"), v)) for name, v in comparisons.items()},
-                "scorer": identity, "config": config}, out_dir / "report.json")
+                "scorer": identity, "config": config, "environment": environment}, out_dir / "report.json")
     return {"rows": summary, "table": table}
 
 

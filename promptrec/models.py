@@ -144,6 +144,16 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return value
 
 
+def generation_dtype(dtype: str | torch.dtype | None = "auto", cpuinfo: str | None = None) -> torch.dtype:
+    """The dtype a policy *generates* in (candidates, predict, the rewrite step, MBR): ``auto`` → bf16 on a CPU with
+    bf16 instructions (:func:`cpu_has_bf16`; ~3x the rows/s of fp32 there, bench/bench_predict.py), else as
+    :func:`parse_dtype` (fp32 on other CPUs, bf16/fp16 on a GPU). An explicit dtype always wins. Training and
+    ``dpo/merge.py`` keep :func:`parse_dtype`: bf16 weights there would round the adapter's updates away."""
+    if dtype in (None, "auto") and not torch.cuda.is_available():
+        return torch.bfloat16 if cpu_has_bf16(cpuinfo) else torch.float32
+    return parse_dtype(dtype)
+
+
 def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, compute_dtype=None,
                         quant_type: str = "nf4", double_quant: bool = True, quant_storage=None):
     """The one builder of every ``BitsAndBytesConfig`` (training, candidates, inference): 4-bit (QLoRA: NF4, double

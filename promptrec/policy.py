@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from promptrec.generation import SamplingParams, iter_generate
-from promptrec.models import ModelNotFoundError, load_model, load_tokenizer
+from promptrec.models import ModelNotFoundError, generation_dtype, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +121,14 @@ def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
 
 
 def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dtype: str = "auto",
-                 batch_size: int = 8, use_cpu: bool = False):
+                 batch_size: int | None = None, use_cpu: bool = False):
     """``(tokenizer, batches)`` of ``policy`` (the rewrite step's generator or the candidate sampler), where
-    ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter)."""
+    ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter).
+    ``dtype`` auto generates in bf16 on a CPU with bf16 instructions (:func:`promptrec.models.generation_dtype`)."""
     if backend == "vllm":
         from promptrec.vllm_backend import vllm_batches
 
         tokenizer = load_tokenizer(policy.tokenizer_source)
         return tokenizer, vllm_batches(policy.model, tokenizer, params)
-    model, tokenizer = load_policy(policy, dtype, device_map="cpu" if use_cpu else None)
+    model, tokenizer = load_policy(policy, generation_dtype(dtype), device_map="cpu" if use_cpu else None)
     return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, batch_size, desc=desc)

@@ -18,7 +18,9 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from promptrec.generation import SamplingParams, generate
+from promptrec.environment import describe_environment, model_dtype
+from promptrec.generation import SamplingParams, default_batch_size, generate
+from promptrec.models import generation_dtype
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, resolve_policy
 from promptrec.postprocess import PostprocessConfig, postprocess_all, resolve_mean_prompt
 from promptrec.scoring import Scorer
@@ -48,12 +50,17 @@ class PredictArguments:
         "help": "true/false: load the base model in 4-bit NF4 (with the run's recorded 4-bit settings). Default: "
                 "4-bit when the run trained in 4-bit or CUDA is available, else full precision."})
     dtype: str = field(default="auto", metadata={
-        "help": "Compute dtype: auto (bf16/fp16 on GPU, fp32 on CPU), bfloat16, float16 or float32."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per generate() call (length-sorted batches)."})
+        "help": "Compute dtype: auto (bf16/fp16 on a GPU; on a CPU bf16 where it has bf16 instructions, else fp32), "
+                "bfloat16, float16 or float32."})
+    batch_size: int = field(default_factory=default_batch_size, metadata={
+        "help": "Rows per generate() call (length-sorted batches). Default: 32 on a CPU, 8 on a GPU."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest prediction in tokens."})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy (default); > 0: sample at this temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (used when temperature > 0)."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    kv_cache: Literal["auto", "static", "dynamic"] = field(default="auto", metadata={
+        "help": "KV cache of generate: auto (static on a CPU, ~15% faster there; the library's default on a GPU), "
+                "static or dynamic."})
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "Token budget per text in the recovery prompt. Default: max_text_tokens from run_config.json, "
                 f"else {DEFAULT_MAX_TEXT_TOKENS}."})
@@ -85,13 +92,16 @@ class PredictArguments:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError("max_text_tokens must be >= 1")
+        if self.kv_cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"kv_cache must be auto, static or dynamic, not {self.kv_cache!r}")
         if self.selection not in ("greedy", "mbr"):
             raise ValueError(f"selection must be 'greedy' or 'mbr', not {self.selection!r}")
         if self.num_candidates < 1 or self.concat_top_k < 1 or self.mbr_temperature <= 0:
             raise ValueError("num_candidates and concat_top_k must be >= 1 and mbr_temperature > 0")
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, seed=self.seed)
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, seed=self.seed,
+                              kv_cache=self.kv_cache)
 
     def candidate_params(self) -> SamplingParams | None:
         """How the extra MBR candidates are sampled (``num_candidates`` per row); None in greedy selection."""
@@ -99,7 +109,7 @@ class PredictArguments:
             return None
         # Another seed than sampling_params', so a sampled primary answer is not also sample 1.
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.mbr_temperature, top_p=self.top_p,
-                              num_return_sequences=self.num_candidates, seed=self.seed + 1)
+                              num_return_sequences=self.num_candidates, seed=self.seed + 1, kv_cache=self.kv_cache)
 
 
 def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
@@ -131,7 +141,7 @@ def policy_of(args: PredictArguments) -> Policy:
 
 
 def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
-                  batch_size: int = 8, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+                  batch_size: int | None = None, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
                   progress: bool = True, samples: SamplingParams | None = None, scorer: Scorer | None = None,
                   concat_top_k: int = 1) -> pd.DataFrame:
     """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction``
@@ -189,7 +199,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         scorer = Scorer(args.scorer)  # loads lazily; resolving the name first fails fast on a bad one
     if model is None:
         policy = policy_of(args)
-        model, tokenizer = load_policy(policy, args.dtype)
+        model, tokenizer = load_policy(policy, generation_dtype(args.dtype))
         resolved = policy.summary()
     else:
         resolved = Policy(args.model, args.adapter, args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, None).summary()
@@ -210,7 +220,9 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     n_fallback = int((submission["rewrite_prompt"] == post.mean_prompt).sum())
     write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "selection": selection,
                 "rows": len(test), "rows_without_text": n_bad, "mean_prompt_fallbacks": n_fallback,
-                "seconds": round(time.time() - start, 2)}, output.with_name(f"{output.stem}.config.json"))
+                "seconds": round(time.time() - start, 2),
+                "environment": describe_environment(generation_dtype=model_dtype(model))},
+               output.with_name(f"{output.stem}.config.json"))
     logger.info("Wrote %d predictions to %s (%d fell back to the mean prompt) in %.1fs", len(submission), output,
                 n_fallback, time.time() - start)
     return submission

@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 
 from promptrec.cli import asdict_all
+from promptrec.environment import describe_environment
+from promptrec.generation import default_batch_size
 from promptrec.models import load_model, parse_dtype
 from promptrec.plots import figure
 from promptrec.policy import RUN_CONFIG, read_run_config
@@ -50,7 +52,8 @@ class EvalArguments(ScorerArguments):
                 "marker). Saved in run_config.json so inference renders prompts the same way."})
     eval_scs_samples: int = field(default=64, metadata={
         "help": "Eval triplets to generate a prompt for and score by SCS at the end (0 turns the SCS eval off)."})
-    gen_batch_size: int = field(default=8, metadata={"help": "Batch size of the eval generation."})
+    gen_batch_size: int = field(default_factory=default_batch_size, metadata={
+        "help": "Batch size of the eval generation (default: 32 on a CPU, 8 on a GPU)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest generated prompt in the SCS eval."})
 
     def __post_init__(self):
@@ -132,6 +135,14 @@ def lora_config(model_args, model):
 def dtype_name(model_args) -> str:
     """``model_args.dtype`` with ``auto`` resolved (bf16/fp16 on GPU, fp32 on CPU) as a torch dtype name."""
     return str(parse_dtype(model_args.dtype)).removeprefix("torch.")
+
+
+def training_dtype(training_args, model_args) -> str:
+    """What training computes in: ``"bfloat16 autocast over float32 weights"`` (``bf16``/``fp16`` mixed precision
+    over weights of another dtype), else the weights' dtype name (:func:`dtype_name`)."""
+    weights = dtype_name(model_args)
+    autocast = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else None
+    return f"{autocast} autocast over {weights} weights" if autocast and autocast != weights else weights
 
 
 def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):
@@ -316,7 +327,8 @@ def run_config(stage: str, script_args, training_args, model_args, **extra) -> d
     return {"stage": stage, "model_name_or_path": model_args.model_name_or_path,
             "max_text_tokens": script_args.max_text_tokens, "load_in_4bit": model_args.load_in_4bit,
             "dtype": dtype_name(model_args), "world_size": training_args.world_size, **extra,
-            **asdict_all(script_args, training_args, model_args)}
+            **asdict_all(script_args, training_args, model_args),
+            "environment": describe_environment(training_dtype=training_dtype(training_args, model_args))}
 
 
 def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...]]) -> Path | None:

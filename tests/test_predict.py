@@ -163,7 +163,9 @@ def test_nan_texts_fallback_predicts_the_mean_prompt_without_the_model(tmp_path,
     sub = check_submission(out, ["b", "a"])
     assert seen == [1]
     assert sub["rewrite_prompt"][0] == "Rewrite this text."
-    assert json.loads((tmp_path / "submission.config.json").read_text())["rows_without_text"] == 1
+    config = json.loads((tmp_path / "submission.config.json").read_text())
+    assert config["rows_without_text"] == 1
+    assert config["environment"]["generation_dtype"] == str(embedded_model.dtype).removeprefix("torch.")
 
 
 def test_cli_without_adapter_end_to_end(tmp_path, test_csv, embedded_model_dir):
