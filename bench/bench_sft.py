@@ -12,6 +12,7 @@ Variants, each in its own process (peak memory is per process), on the same rows
   bf16_autocast_grouped  bf16 autocast + length-grouped batches: what the pipeline trained with before the fast path
   bf16_weights_grouped   bf16 base weights (fp32 LoRA adapter, PEFT's default upcast) + bf16 autocast + grouped
   bf16_weights_padding_free  the same, padding-free
+  bf16_autocast_no_dropout   bf16_autocast_grouped with lora_dropout 0 (the recipes' 0.05 draws a mask per LoRA module)
   nf4_padded         4-bit NF4 base (QLoRA), fp32 compute
 Prints trained tokens/s (non-padding tokens, steps after the first), peak RSS, the model's memory footprint, and
 the ratios of each variant's tokens/s to fp32_padded's and to bf16_autocast_grouped's, and 4-bit vs 32-bit memory.
@@ -38,6 +39,7 @@ VARIANTS = {
     "bf16_autocast_grouped": {"bf16": True, "train_sampling_strategy": "group_by_length"},
     "bf16_weights_grouped": {"dtype": "bfloat16", "bf16": True, "train_sampling_strategy": "group_by_length"},
     "bf16_weights_padding_free": {"dtype": "bfloat16", "bf16": True, "padding_free": True},
+    "bf16_autocast_no_dropout": {"bf16": True, "train_sampling_strategy": "group_by_length", "lora_dropout": 0.0},
     "nf4_padded": {"load_in_4bit": True},
 }
 
@@ -69,7 +71,8 @@ def run_one(args: BenchArguments) -> dict:
     torch.set_num_threads(args.threads)
     options = dict(VARIANTS[args.variant])
     model_args = ModelConfig(model_name_or_path="embedded", dtype=options.pop("dtype", "float32"), lora_r=16,
-                             lora_alpha=32, load_in_4bit=options.pop("load_in_4bit", False), use_bnb_nested_quant=True)
+                             lora_alpha=32, lora_dropout=options.pop("lora_dropout", 0.05),
+                             load_in_4bit=options.pop("load_in_4bit", False), use_bnb_nested_quant=True)
     tokenizer = load_tokenizer("embedded")
     dataset = sft_dataset(read_split_triplets(args.triplets, args.producers, args.rows, args.seed), tokenizer,
                           args.max_text_tokens)
@@ -115,7 +118,8 @@ def main(args: BenchArguments) -> dict:
         speed["nf4 / fp32 training memory (peak - before load)"] = ratio(nf4["train_mem_mb"], base.get("train_mem_mb"))
     today = results.get("bf16_autocast_grouped", {})
     speed.update({f"{n} / bf16_autocast_grouped tokens/s": ratio(results[n]["tokens_per_s"], today.get("tokens_per_s"))
-                  for n in results if n.startswith("bf16_weights") and today})
+                  for n in results if n.startswith(("bf16_weights", "bf16_autocast_")) and n != "bf16_autocast_grouped"
+                  and today})
     for key, value in speed.items():
         print(f"{key}: {value}")
     return {"results": results, "ratios": speed, "environment": environment}
