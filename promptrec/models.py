@@ -147,8 +147,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def generation_dtype(dtype: str | torch.dtype | None = "auto", cpuinfo: str | None = None) -> torch.dtype:
     """The dtype a policy *generates* in (candidates, predict, the rewrite step, MBR): ``auto`` → bf16 on a CPU with
     bf16 instructions (:func:`cpu_has_bf16`; ~3x the rows/s of fp32 there, bench/bench_predict.py), else as
-    :func:`parse_dtype` (fp32 on other CPUs, bf16/fp16 on a GPU). An explicit dtype always wins. Training and
-    ``dpo/merge.py`` keep :func:`parse_dtype`: bf16 weights there would round the adapter's updates away."""
+    :func:`parse_dtype` (fp32 on other CPUs, bf16/fp16 on a GPU). An explicit dtype always wins. Training recipes and
+    ``dpo/merge.py`` keep :func:`parse_dtype` (merging into bf16 weights would round the adapter away); the pipeline
+    trains over a bf16 base on such CPUs (``pipeline/run.py --bf16 auto``), the LoRA adapter staying fp32."""
     if dtype in (None, "auto") and not torch.cuda.is_available():
         return torch.bfloat16 if cpu_has_bf16(cpuinfo) else torch.float32
     return parse_dtype(dtype)

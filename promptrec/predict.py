@@ -60,7 +60,7 @@ class PredictArguments:
     seed: int = field(default=0, metadata={"help": "Seed for sampling."})
     kv_cache: Literal["auto", "static", "dynamic"] = field(default="auto", metadata={
         "help": "KV cache of generate: auto (static on a CPU, ~15% faster there; the library's default on a GPU), "
-                "static or dynamic."})
+                "static (on a GPU transformers then compiles the forward of an unquantised model) or dynamic."})
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "Token budget per text in the recovery prompt. Default: max_text_tokens from run_config.json, "
                 f"else {DEFAULT_MAX_TEXT_TOKENS}."})

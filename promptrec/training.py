@@ -142,7 +142,9 @@ def training_dtype(training_args, model_args) -> str:
     over weights of another dtype), else the weights' dtype name (:func:`dtype_name`)."""
     weights = dtype_name(model_args)
     autocast = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else None
-    return f"{autocast} autocast over {weights} weights" if autocast and autocast != weights else weights
+    if autocast and autocast != weights:
+        return f"{autocast} autocast over {weights} weights"
+    return f"{weights} weights under {autocast} autocast" if autocast else weights
 
 
 def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):

@@ -81,7 +81,8 @@ def test_model_and_training_dtypes():
     fp32 = SimpleNamespace(dtype="float32")
     assert training_dtype(SimpleNamespace(bf16=True, fp16=False), fp32) == "bfloat16 autocast over float32 weights"
     assert training_dtype(SimpleNamespace(bf16=False, fp16=False), fp32) == "float32"
-    assert training_dtype(SimpleNamespace(bf16=True, fp16=False), SimpleNamespace(dtype="bf16")) == "bfloat16"
+    assert training_dtype(SimpleNamespace(bf16=True, fp16=False), SimpleNamespace(dtype="bf16")) == (
+        "bfloat16 weights under bfloat16 autocast")
 
 
 def test_run_config_records_the_environment(tmp_path):

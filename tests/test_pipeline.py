@@ -120,3 +120,23 @@ def test_a_forced_stage_starts_from_an_empty_folder(tmp_path, embedded_model_dir
     stale.mkdir()
     again = subprocess.run([*cmd, "--force", "split"], cwd=REPO, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and not stale.exists() and (run_dir / "split" / "DONE").exists()
+
+
+@pytest.mark.parametrize(("bf16", "cpu_bf16", "expected"), [
+    ("auto", True, ["--use_cpu", "true", "--bf16", "true", "--dtype", "bfloat16"]),
+    ("auto", False, ["--use_cpu", "true", "--bf16", "false"]),
+    ("false", True, ["--use_cpu", "true", "--bf16", "false"]),  # forced: the recipe's weights, no autocast
+])
+def test_training_cli_trains_over_a_bf16_base_only_on_a_bf16_cpu(monkeypatch, bf16, cpu_bf16, expected):
+    import torch
+
+    import promptrec.models
+    from promptrec.cli import parse_args
+
+    sys.path.insert(0, str(REPO / "pipeline"))
+    from stage_helpers import load_script
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(promptrec.models, "cpu_has_bf16", lambda cpuinfo=None: cpu_bf16)
+    (args,) = parse_args(load_script("pipeline/run.py").PipelineArguments, args=["--bf16", bf16])
+    assert args.training_cli() == expected
