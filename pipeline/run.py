@@ -87,9 +87,9 @@ class PipelineArguments:
         "help": "Override the size's number of train triplets that get candidates (and so DPO pairs)."})
     bf16: str = field(default="auto", metadata={
         "help": "bf16 for SFT, DPO and GRPO: true (bf16 autocast), false, or auto: on a CPU with bf16 instructions "
-                "the frozen base is loaded in bf16 and trained under bf16 autocast (the LoRA adapter stays fp32; DPO "
-                "steps ~3.9x, SFT ~1.1x the speed of autocast over fp32 weights, bench/), elsewhere the recipe "
-                "decides."})
+                "the frozen base is loaded in bf16 and trained under bf16 autocast (the LoRA adapter stays fp32; SFT "
+                "~1.11x, DPO ~1.05x the step speed of autocast over fp32 weights, half the weights' memory; "
+                "bench/README.md), elsewhere the recipe decides."})
     extra: list[str] = field(default_factory=list, metadata={
         "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
