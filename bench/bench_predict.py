@@ -6,12 +6,13 @@
     python bench/bench_predict.py --single_rows 32 --mbr_candidates 4   # also one row at a time, and greedy vs MBR
 
 Every variant times ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
-the same real rows. A variant is ``DTYPE:BATCH:CACHE``: DTYPE float32, bfloat16 or auto
-(:func:`promptrec.models.generation_dtype`: bf16 on a CPU with bf16 instructions), CACHE dynamic (transformers'
-default), static or auto (:class:`promptrec.generation.SamplingParams`: static on the CPU). The first variant is the
-baseline (``float32:8:dynamic``, the defaults before the fast CPU path); the last is today's default
-(``auto:32:auto``). Printed per variant: rows/s, × the baseline, greedy answers identical to the baseline's, and the
-peak resident memory (each variant runs in its own process). Then the time ~1,400 test rows would take against
+the same real rows. A variant is ``DTYPE:BATCH:CACHE``: DTYPE float32, bfloat16, auto (fp32 on a CPU) or auto_bf16
+(:func:`promptrec.models.generation_dtype`: bf16 on a CPU with bf16 instructions, the opt-in fast path), CACHE
+dynamic (transformers' default), static or auto (:class:`promptrec.generation.SamplingParams`: static on the CPU).
+The first variant is the baseline (``float32:8:dynamic``, the defaults before the fast CPU path); the last is today's
+default (``auto:32:auto``: fp32, batch 32, static cache on the CPU). Printed per variant: rows/s, × the baseline,
+greedy answers identical to the baseline's, and the peak resident memory (each variant runs in its own process).
+Then the time ~1,400 test rows would take against
 Kaggle's 9-hour limit at today's default. ``--single_rows N`` also times batch size 1 on N rows; ``--mbr_candidates N``
 also times ``--selection mbr`` (greedy + N samples per row). ``--gpu`` builds Mistral-7B-Instruct's shape with random
 weights (saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer:
@@ -44,7 +45,7 @@ KAGGLE_ROWS = 1400
 KAGGLE_LIMIT_S = 9 * 3600
 # The defaults before the fast CPU path first (the ratios' baseline), today's default last.
 VARIANTS = ("float32:8:dynamic", "float32:32:dynamic", "bfloat16:8:dynamic", "bfloat16:32:dynamic",
-            "bfloat16:16:static", "bfloat16:64:static", "auto:32:auto")
+            "bfloat16:16:static", "bfloat16:64:static", "auto_bf16:32:auto", "auto:32:auto")
 
 
 @dataclass

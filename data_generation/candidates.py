@@ -57,7 +57,8 @@ class CandidateArguments:
     load_in_4bit: bool | None = field(default=None, metadata={
         "help": "Load the policy in 4-bit (bitsandbytes). Default: as the adapter's run trained, or 4-bit on CUDA."})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on a GPU, and on a CPU with bf16 instructions; else fp32), bfloat16, float32…"})
+        "help": "auto (bf16 on a GPU, fp32 on a CPU), auto_bf16 (also bf16 on a CPU with bf16 instructions), "
+                "bfloat16, float32…"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, no adapter)."})
     num_samples: int = field(default=4, metadata={"help": "Policy samples per triplet."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, one sample)."})

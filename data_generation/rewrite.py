@@ -53,7 +53,8 @@ class RewriteArguments:
     generator: str = field(default="embedded", metadata={"help": "Generator: hub id, local dir or 'embedded'."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the generator in 4-bit (bitsandbytes)."})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on a GPU, and on a CPU with bf16 instructions; else fp32), bfloat16, float32…"})
+        "help": "auto (bf16 on a GPU, fp32 on a CPU), auto_bf16 (also bf16 on a CPU with bf16 instructions), "
+                "bfloat16, float32…"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, if installed)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per generate call (length-sorted, left-padded)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per rewrite."})

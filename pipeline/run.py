@@ -86,10 +86,9 @@ class PipelineArguments:
     candidate_triplets: int | None = field(default=None, metadata={
         "help": "Override the size's number of train triplets that get candidates (and so DPO pairs)."})
     bf16: str = field(default="auto", metadata={
-        "help": "bf16 for SFT, DPO and GRPO: true (bf16 autocast), false, or auto: on a CPU with bf16 instructions "
-                "the frozen base is loaded in bf16 and trained under bf16 autocast (the LoRA adapter stays fp32; SFT "
-                "~1.11x, DPO ~1.05x the step speed of autocast over fp32 weights, half the weights' memory; "
-                "bench/README.md), elsewhere the recipe decides."})
+        "help": "bf16 autocast for SFT, DPO and GRPO: true, false, or auto (on when training on a CPU with bf16 "
+                "instructions, faster there; otherwise the recipe decides). A bf16 base on top gave only 1.05-1.11x "
+                "and is not used (bench/README.md)."})
     extra: list[str] = field(default_factory=list, metadata={
         "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'."})
     force: list[str] = field(default_factory=list, metadata={"help": f"Stages to redo: any of {', '.join(STAGES)}."})
@@ -113,9 +112,7 @@ class PipelineArguments:
 
     def training_cli(self) -> list[str]:
         """Overrides every trainer gets: the CPU when there is no GPU (GPU recipes included: TrainingArguments
-        refuses bf16 without one), and --bf16 (none on auto with a GPU: the recipe's own setting). On auto, a CPU with
-        bf16 instructions also gets a bf16 base (``--dtype bfloat16``): generation there runs in bf16 too
-        (:func:`promptrec.models.generation_dtype`), so the adapter trains and predicts over the same weights."""
+        refuses bf16 without one), and --bf16 (none on auto with a GPU: the recipe's own setting)."""
         import torch
 
         from promptrec.models import cpu_has_bf16
@@ -124,7 +121,7 @@ class PipelineArguments:
         if self.bf16 == "auto":
             if not device:
                 return []
-            return device + (["--bf16", "true", "--dtype", "bfloat16"] if cpu_has_bf16() else ["--bf16", "false"])
+            return device + ["--bf16", str(cpu_has_bf16()).lower()]
         return device + ["--bf16", self.bf16]
 
     def knob(self, name: str):

@@ -124,7 +124,7 @@ def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dt
                  batch_size: int | None = None, use_cpu: bool = False):
     """``(tokenizer, batches)`` of ``policy`` (the rewrite step's generator or the candidate sampler), where
     ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter).
-    ``dtype`` auto generates in bf16 on a CPU with bf16 instructions (:func:`promptrec.models.generation_dtype`)."""
+    ``dtype`` is resolved by :func:`promptrec.models.generation_dtype` (``auto_bf16``: bf16 on a bf16 CPU)."""
     if backend == "vllm":
         from promptrec.vllm_backend import vllm_batches
 

@@ -16,19 +16,20 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule app
 
 
 @no_cuda
-def test_auto_generates_in_bf16_only_on_a_cpu_with_bf16_instructions():
-    assert generation_dtype("auto", BF16_CPU) == torch.bfloat16
-    assert generation_dtype(None, AMX_CPU) == torch.bfloat16
-    assert generation_dtype("auto", OLD_CPU) == torch.float32
-    assert generation_dtype("auto", "") == torch.float32
+def test_auto_bf16_picks_bf16_only_on_a_cpu_with_bf16_instructions():
+    assert generation_dtype("auto_bf16", BF16_CPU) == torch.bfloat16
+    assert generation_dtype("auto_bf16", AMX_CPU) == torch.bfloat16
+    assert generation_dtype("auto_bf16", OLD_CPU) == torch.float32
+    assert generation_dtype("auto_bf16", "") == torch.float32
 
 
 @no_cuda
-def test_a_forced_dtype_wins_and_training_keeps_fp32_on_the_cpu():
-    assert generation_dtype("float32", BF16_CPU) == torch.float32
-    assert generation_dtype("fp32", BF16_CPU) == torch.float32
+def test_auto_stays_fp32_on_the_cpu_and_a_forced_dtype_wins():
+    """bf16 failed the quality-parity rule (docs/fast_cpu_path.md), so ``auto`` keeps fp32 even on a bf16 CPU."""
+    assert generation_dtype("auto", BF16_CPU) == generation_dtype(None, AMX_CPU) == torch.float32
+    assert generation_dtype("float32", BF16_CPU) == generation_dtype("fp32", BF16_CPU) == torch.float32
     assert generation_dtype("bfloat16", OLD_CPU) == torch.bfloat16
-    assert parse_dtype("auto") == torch.float32  # training and merging: unchanged by the generation rule
+    assert parse_dtype("auto") == torch.float32
 
 
 def test_static_kv_cache_on_the_cpu_only():

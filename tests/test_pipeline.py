@@ -123,11 +123,11 @@ def test_a_forced_stage_starts_from_an_empty_folder(tmp_path, embedded_model_dir
 
 
 @pytest.mark.parametrize(("bf16", "cpu_bf16", "expected"), [
-    ("auto", True, ["--use_cpu", "true", "--bf16", "true", "--dtype", "bfloat16"]),
+    ("auto", True, ["--use_cpu", "true", "--bf16", "true"]),
     ("auto", False, ["--use_cpu", "true", "--bf16", "false"]),
     ("false", True, ["--use_cpu", "true", "--bf16", "false"]),  # forced: the recipe's weights, no autocast
 ])
-def test_training_cli_trains_over_a_bf16_base_only_on_a_bf16_cpu(monkeypatch, bf16, cpu_bf16, expected):
+def test_training_cli_turns_bf16_autocast_on_only_on_a_bf16_cpu(monkeypatch, bf16, cpu_bf16, expected):
     import torch
 
     import promptrec.models
