@@ -11,6 +11,9 @@ Variants, each in its own process, one epoch over the same pairs:
   precomputed_bf16_autocast  precomputed reference, fp32 weights, bf16 autocast: what the pipeline trained with before
                       the fast CPU path (on a CPU with bf16 instructions)
   precomputed_bf16_weights   the same over bf16 base weights (the LoRA adapter stays fp32, PEFT's default upcast)
+Caution (2026-12-06): these two printed 48.7 vs 189.3 step tokens/s (3.9x), but the pipeline's own dpo/train.py,
+timed the same two ways on the main job's pairs, ran 15.4 vs 14.65 s a step (1.05x): this bench's autocast variant
+runs ~4x slower than the real stage, for a reason not yet found (bench/README.md). Trust the direct timing.
 Prints tokens/s of the training steps, the epoch time including the reference pass, peak RSS, and the ratios:
 online / precomputed epoch time and step time, separate-model / shared-base peak memory, bf16 weights / bf16 autocast.
 Without ``--pairs``, pairs come from ``--triplets``: chosen = the true prompt, rejected = another row's prompt.
