@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from paths import RunPaths  # pipeline/paths.py, beside this script
 
 from promptrec.environment import NOT_RECORDED, describe_environment, environment_line
 from promptrec.evaluation import bootstrap_ci
@@ -20,70 +21,69 @@ from promptrec.plots import figure
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postprocess, resolve_mean_prompt
 from promptrec.tables import write_json
 
-# Data sizes and steps per preset. "small" is the main job on 2 CPU cores; "tiny" is CI's smoke;
-# "full" is for a GPU (all triplets, real training lengths).
-SIZES = {
-    "tiny": {"max_triplets": 16, "rewrite_new_tokens": 48, "max_heldout": 6, "mean_prompt_steps": 2,
-             "sft_steps": 2, "dpo_steps": 2, "grpo_steps": 1, "policy_samples": 2, "eval_samples": 4,
-             "candidate_triplets": 12},
-    "small": {"max_triplets": 120, "rewrite_new_tokens": 96, "max_heldout": 120, "mean_prompt_steps": 8,
-              "sft_steps": 40, "dpo_steps": 16, "grpo_steps": 8, "policy_samples": 4, "eval_samples": 16,
-              "candidate_triplets": 64},
-    "full": {"max_triplets": None, "rewrite_new_tokens": 320, "max_heldout": 1000, "mean_prompt_steps": 16,
-             "sft_steps": 1500, "dpo_steps": 600, "grpo_steps": 300, "policy_samples": 6, "eval_samples": 500,
-             "candidate_triplets": None},
+# Report rows by stable id: display label and what the method is. Files, seeds.py and report.json use the ids.
+ROWS = {
+    "constant": (f'constant "{DEFAULT_MEAN_PROMPT}"', "the same prompt for every row, the competition's baseline"),
+    "mean_prompt": ("mean prompt", "one prompt for every row, found by beam search on the train prompts "
+                                   "(reward/mean_prompt.py)"),
+    "base": ("base model, zero-shot", "the untrained base model, greedy, asked for the prompt in the recovery format"),
+    "sft": ("SFT adapter", "QLoRA/LoRA supervised fine-tuning on the train triplets (sft/train.py), greedy"),
+    "dpo": ("DPO adapter", "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy"),
+    "dpo_mean": ("DPO adapter + mean prompt", "the DPO adapter's prediction with the mean prompt appended, as top "
+                                              "solutions did"),
+    "iterate": ("iterative DPO adapter", "further DPO rounds, each on the previous round's own samples of fresh train "
+                                         "triplets, from that adapter (pipeline --dpo_rounds), greedy"),
+    "grpo": ("GRPO adapter", "the SFT adapter trained online with the SCS reward on its own samples (dpo/grpo.py), "
+                             "greedy"),
+    "mbr": ("MBR decoding", "the last DPO adapter's greedy answer, N samples and the mean prompt; the one with the "
+                            "highest mean SCS to the others is submitted (inference/predict.py --selection mbr)"),
 }
+# The stages whose output each row depends on (the report names the invocation that produced each).
+PRODUCED_BY = {"constant": (), "mean_prompt": ("split", "mean_prompt"), "base": ("split", "predict"),
+               "sft": ("split", "sft", "predict"), "dpo": ("split", "sft", "candidates", "pairs", "dpo", "predict"),
+               "dpo_mean": ("split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "predict"),
+               "iterate": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "predict"),
+               "grpo": ("split", "sft", "grpo", "predict"),
+               "mbr": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "predict")}
 
 
-# One line per report row: what the method is.
-DESCRIPTIONS = {
-    "constant": "the same prompt for every row, the competition's baseline",
-    "mean prompt": "one prompt for every row, found by beam search on the train prompts (reward/mean_prompt.py)",
-    "base model, zero-shot": "the untrained base model, greedy, asked for the prompt in the recovery format",
-    "SFT adapter": "QLoRA/LoRA supervised fine-tuning on the train triplets (sft/train.py), greedy",
-    "DPO adapter": "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy",
-    "DPO adapter + mean prompt": "the DPO adapter's prediction with the mean prompt appended, as top solutions did",
-    "GRPO adapter": "the SFT adapter trained online with the SCS reward on its own samples (dpo/grpo.py), greedy",
-    "iterative DPO adapter": "further DPO rounds, each on the previous round's own samples of fresh train triplets, "
-                             "from that adapter (pipeline --dpo_rounds), greedy",
-    "MBR decoding": "the last DPO adapter's greedy answer, N samples and the mean prompt; the one with the highest "
-                    "mean SCS to the others is submitted (inference/predict.py --selection mbr)",
-}
+def row_label(row: str, info: dict | None = None) -> str:
+    """The display label of report row ``row`` (``info``: its entry in predict/rows.json)."""
+    info, label = info or {}, ROWS[row][0]
+    if row == "iterate" and info.get("dpo_rounds"):
+        return f"{label} ({info['dpo_rounds']} rounds)"
+    if row == "mbr" and info:
+        return f"{label} ({info['greedy']}, N={info['num_candidates']})"
+    return label
 
 
-def describe(method: str) -> str:
-    return DESCRIPTIONS.get(method.split(' "')[0].split(" (")[0], "")
+def predicted_rows(run_dir: Path) -> dict[str, dict]:
+    """predict/rows.json (row id → adapter, selection…); for a run without it, the greedy rows whose files exist."""
+    paths = RunPaths(run_dir)
+    if paths.predicted_rows.is_file():
+        return json.loads(paths.predicted_rows.read_text())
+    return {row: {} for row in ("base", "sft", "dpo", "iterate", "grpo") if paths.prediction(row).is_file()}
 
 
-def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Truth rows of the held-out split and, per method, its prediction for each row (in truth order)."""
-    truth = pd.read_parquet(run_dir / "split" / "heldout.parquet")
-    mean_file = run_dir / "mean_prompt" / "mean_prompt.json"
-    mean = resolve_mean_prompt(str(mean_file)) if mean_file.exists() else DEFAULT_MEAN_PROMPT
+def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, str]]:
+    """Truth rows of the held-out split; per row id, its prediction for each held-out row (in truth order); per row
+    id, its display label."""
+    paths = RunPaths(run_dir)
+    truth = pd.read_parquet(paths.heldout)
+    mean = resolve_mean_prompt(str(paths.mean_prompt)) if paths.mean_prompt.exists() else DEFAULT_MEAN_PROMPT
 
-    def preds(name: str) -> list[str]:
-        sub = pd.read_csv(run_dir / "predict" / f"{name}.csv").set_index("id")
+    def preds(row: str) -> list[str]:
+        sub = pd.read_csv(paths.prediction(row)).set_index("id")
         return [str(sub.loc[i, "rewrite_prompt"]) for i in truth["id"]]
 
-    dpo = preds("dpo")
-    with_mean = PostprocessConfig(mean_prompt=mean, append_mean_prompt=True)
-    methods = {
-        f'constant "{DEFAULT_MEAN_PROMPT}"': [DEFAULT_MEAN_PROMPT] * len(truth),
-        "mean prompt": [mean] * len(truth),
-        "base model, zero-shot": preds("base"),
-        "SFT adapter": preds("sft"),
-        "DPO adapter": dpo,
-        "DPO adapter + mean prompt": [postprocess(p, with_mean) for p in dpo],
-    }
-    if (run_dir / "predict" / "iterate.csv").exists():
-        rounds = json.loads((run_dir / "pipeline_config.json").read_text()).get("dpo_rounds")
-        methods[f"iterative DPO adapter ({rounds} rounds)"] = preds("iterate")
-    if (run_dir / "predict" / "grpo.csv").exists():
-        methods["GRPO adapter"] = preds("grpo")
-    if (run_dir / "predict" / "mbr.csv").exists():
-        mbr = json.loads((run_dir / "predict" / "mbr.json").read_text())
-        methods[f"MBR decoding ({mbr['greedy']}, N={mbr['num_candidates']})"] = preds("mbr")
-    return truth, methods
+    predicted = predicted_rows(run_dir)
+    methods = {"constant": [DEFAULT_MEAN_PROMPT] * len(truth), "mean_prompt": [mean] * len(truth)}
+    methods |= {row: preds(row) for row in predicted}
+    if "dpo" in methods:
+        with_mean = PostprocessConfig(mean_prompt=mean, append_mean_prompt=True)
+        methods["dpo_mean"] = [postprocess(p, with_mean) for p in methods["dpo"]]
+    order = [row for row in ROWS if row in methods]
+    return truth, {row: methods[row] for row in order}, {row: row_label(row, predicted.get(row)) for row in order}
 
 
 def paired(scores: np.ndarray, reference: np.ndarray, groups=None) -> tuple[float, float, float]:
@@ -101,25 +101,49 @@ def row_groups(truth: pd.DataFrame):
     return truth[CLUSTER_COLUMN].to_numpy() if CLUSTER_COLUMN in truth.columns else None
 
 
-def greedy_of(mbr_method: str, methods) -> str:
-    """The greedy row of the policy an "MBR decoding (<stage>, N=…)" row decoded (its paired comparison)."""
-    stage = mbr_method.split("(", 1)[1].split(",")[0]
-    return next(m for m in methods if m.startswith("iterative DPO" if stage == "iterate" else "DPO adapter"))
-
-
-def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer) -> list[dict]:
-    """Per method: mean SCS with its 95% CI, the paired difference to the SFT adapter with its CI, per-row scores."""
-    scores = {name: scorer.score(p, list(truth["rewrite_prompt"])) for name, p in methods.items()}
-    sft, groups = scores.get("SFT adapter"), row_groups(truth)
+def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer, labels: dict[str, str]) -> list[dict]:
+    """Per row id: mean SCS with its 95% CI, the paired difference to the SFT adapter with its CI, per-row scores."""
+    scores = {row: scorer.score(p, list(truth["rewrite_prompt"])) for row, p in methods.items()}
+    sft, groups = scores.get("sft"), row_groups(truth)
     rows = []
-    for name, predictions in methods.items():
-        low, high = bootstrap_ci(scores[name], seed=0, groups=groups)
-        diff = (paired(scores[name], sft, groups) if sft is not None and name != "SFT adapter"
-                else (None, None, None))
-        rows.append({"method": name, "mean_scs": float(np.mean(scores[name])), "ci_low": low, "ci_high": high,
-                     "vs_sft": diff[0], "vs_sft_low": diff[1], "vs_sft_high": diff[2],
-                     "scores": scores[name].tolist(), "predictions": list(predictions)})
+    for row, predictions in methods.items():
+        low, high = bootstrap_ci(scores[row], seed=0, groups=groups)
+        diff = paired(scores[row], sft, groups) if sft is not None and row != "sft" else (None, None, None)
+        rows.append({"id": row, "method": labels[row], "mean_scs": float(np.mean(scores[row])), "ci_low": low,
+                     "ci_high": high, "vs_sft": diff[0], "vs_sft_low": diff[1], "vs_sft_high": diff[2],
+                     "scores": scores[row].tolist(), "predictions": list(predictions)})
     return rows
+
+
+def produced_by(run_dir: Path) -> dict[str, dict]:
+    """Per stage: the invocation (start time) and pipeline arguments that produced it, from its ``stage.json``."""
+    from cache import read_record  # pipeline/cache.py
+
+    records = {stage: read_record(Path(run_dir) / stage) for stage in
+               ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "grpo", "predict")}
+    return {stage: {"invocation": r["invocation"], "config": r["config"]} for stage, r in records.items() if r}
+
+
+def provenance_lines(stages: dict[str, dict], rows: list[dict]) -> list[str]:
+    """Markdown: which invocation produced each row's stages, and how the invocations' arguments differ."""
+    if not stages:
+        return []
+    invocations = sorted({s["invocation"] for s in stages.values()})
+    if len(invocations) == 1:
+        return [f"Every stage was produced by one invocation ({invocations[0]}); its arguments are in each stage's "
+                "`stage.json` and in report.json.", ""]
+    latest = next(s["config"] for s in stages.values() if s["invocation"] == invocations[-1])
+    lines = [f"Stages come from {len(invocations)} invocations (a stage re-runs only when its settings or inputs "
+             "changed):", ""]
+    for inv in invocations:
+        config = next(s["config"] for s in stages.values() if s["invocation"] == inv)
+        differ = ", ".join(f"{k}={v}" for k, v in config.items() if latest.get(k) != v) or "same arguments"
+        lines.append(f"- {inv}: {', '.join(n for n, s in stages.items() if s['invocation'] == inv)} ({differ})")
+    lines += ["", "| row | invocations of its stages |", "|---|---|"]
+    for r in rows:
+        made = sorted({stages[s]["invocation"] for s in PRODUCED_BY[r["id"]] if s in stages})
+        lines.append(f"| {r['method']} | {', '.join(made) or '—'} |")
+    return lines + [""]
 
 
 def recorded_dtypes(run_dir: Path) -> tuple[str, str]:
@@ -154,47 +178,48 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     """Score every method against the truth; write report.md, report.png, report.json; return them with the table."""
     from promptrec.scoring import Scorer
 
-    truth, methods = comparison_predictions(run_dir)
+    truth, methods, labels = comparison_predictions(run_dir)
     scorer = Scorer(scorer_name)
-    rows = score_methods(truth, methods, scorer)
-    by_name = {r["method"]: r for r in rows}
+    rows = score_methods(truth, methods, scorer, labels)
+    by_id = {r["id"]: r for r in rows}
     table = ["| method | mean SCS | 95% CI | − SFT, paired (95% CI) |", "|---|---:|---|---|"]
     table += [f"| {r['method']} | {r['mean_scs']:.4f} | {r['ci_low']:.3f} – {r['ci_high']:.3f} | {_fmt_diff(r)} |"
               for r in rows]
     table = "\n".join(table)
-    config = json.loads((run_dir / "pipeline_config.json").read_text())
+    stages = produced_by(run_dir)
+    # the data came from the rewrite stage's invocation, the base model from SFT's (this one's for an old run folder)
+    latest = json.loads(RunPaths(run_dir).config.read_text())
+    data, model = (stages.get(s, {}).get("config", latest) for s in ("rewrite", "sft"))
     identity = scorer.identity
     source = ("bundled reference rewrites (promptrec/assets/reference_rewrites.jsonl)"
-              if config.get("triplets") == "reference" and not config.get("generate") else
-              f"`{config['triplets']}`" if config.get("triplets") and not config.get("generate") else
-              f"rewrites generated by `{config.get('generator', config['model'])}` ({config.get('rewrite_recipe')})")
+              if data.get("triplets") == "reference" and not data.get("generate") else
+              f"`{data['triplets']}`" if data.get("triplets") and not data.get("generate") else
+              f"rewrites generated by `{data.get('generator', data['model'])}` ({data.get('rewrite_recipe')})")
     groups = row_groups(truth)
-    comparisons = {}  # "A − B" → paired mean difference and its 95% CI
-    for a, b in [("SFT adapter", "base model, zero-shot")] + [
-            (name, greedy_of(name, by_name)) for name in by_name if name.startswith("MBR decoding")]:
-        comparisons[f"{a} − {b}"] = paired(np.array(by_name[a]["scores"]), np.array(by_name[b]["scores"]), groups)
-    sft_base = comparisons["SFT adapter − base model, zero-shot"]
+    comparisons = {}  # "a − b" (row ids) → paired mean difference and its 95% CI
+    pairs = [("sft", "base")] + ([("mbr", predicted_rows(run_dir)["mbr"]["greedy"])] if "mbr" in by_id else [])
+    for a, b in pairs:
+        comparisons[f"{a} − {b}"] = paired(np.array(by_id[a]["scores"]), np.array(by_id[b]["scores"]), groups)
     environment = ran_on(run_dir)
     md = [f"# Prompt recovery: held-out comparison ({run_dir.name})", "",
           f"Data: {source}. {len(truth)} held-out rows ({truth['rewrite_prompt'].nunique()} prompts) held out by "
-          f"prompt {config.get('split_by', 'prompt')}: no stage trained on them or on their near-duplicates. "
-          f"Scorer {identity['model']} (SCS = cos^{identity['exponent']:g}); base model `{config['model']}`, size "
-          f"`{config['size']}`. Intervals: 95% bootstrap over "
+          f"prompt {stages.get('split', {}).get('config', latest).get('split_by', 'prompt')}: no stage trained on "
+          f"them or on their near-duplicates. Scorer {identity['model']} (SCS = cos^{identity['exponent']:g}); base "
+          f"model `{model['model']}`, size `{model['size']}`. Intervals: 95% bootstrap over "
           f"{'prompt clusters' if groups is not None else 'rows'}; paired differences are over the same rows.", "",
           f"Ran on: {environment_line(environment)}.", "",
-          table, "", *[f"{name}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
-                       for name, (m, lo, hi) in comparisons.items()], "", "What each row is:", ""]
-    md += [f"- **{r['method']}**: {describe(r['method'])}" for r in rows]
-    md += ["", "![mean SCS per method](report.png)", ""]
+          table, "", *[f"{labels[a]} − {labels[b]}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
+                       for (a, b), (m, lo, hi) in zip(pairs, comparisons.values())], "", "What each row is:", ""]
+    md += [f"- **{r['method']}**: {ROWS[r['id']][1]}" for r in rows]
+    md += ["", *provenance_lines(stages, rows), "![mean SCS per method](report.png)", ""]
     if "prompt_category" in truth.columns:
-        last = next((m for m in by_name if m.startswith("iterative DPO")), "DPO adapter")  # the last DPO round
-        md += [f"One held-out row per prompt category (true prompt → SFT / {last} predictions):", "",
-               f"| category | true prompt | SFT | {last} |", "|---|---|---|---|"]
+        last = "iterate" if "iterate" in by_id else "dpo"  # the last DPO round
+        md += [f"One held-out row per prompt category (true prompt → SFT / {labels[last]} predictions):", "",
+               f"| category | true prompt | SFT | {labels[last]} |", "|---|---|---|---|"]
         for category, group in truth.reset_index(drop=True).groupby("prompt_category", sort=True):
             i = group.index[0]
             md.append(f"| {category} | {_cell(truth['rewrite_prompt'].iloc[i], 60)} | "
-                      f"{_cell(by_name['SFT adapter']['predictions'][i], 60)} | "
-                      f"{_cell(by_name[last]['predictions'][i], 60)} |")
+                      f"{_cell(by_id['sft']['predictions'][i], 60)} | {_cell(by_id[last]['predictions'][i], 60)} |")
     else:
         md += ["First held-out row's predictions:", ""]
         md += [f"- **{r['method']}**: {_cell(r['predictions'][0], 200)}" for r in rows]
@@ -203,9 +228,11 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     _plot(rows, out_dir / "report.png", identity)
     summary = [{k: v for k, v in r.items() if k not in ("scores", "predictions")} | {"example": r["predictions"][0]}
                for r in rows]
-    write_json({"rows": summary, "n": len(truth), "sft_minus_base": dict(zip(("mean", "low", "high"), sft_base)),
+    write_json({"rows": summary, "n": len(truth), "sft_minus_base": dict(zip(("mean", "low", "high"),
+                                                                            comparisons["sft − base"])),
                 "paired": {name: dict(zip(("mean", "low", "high"), v)) for name, v in comparisons.items()},
-                "scorer": identity, "config": config, "environment": environment}, out_dir / "report.json")
+                "scorer": identity, "config": latest, "produced_by": stages, "environment": environment},
+               out_dir / "report.json")
     return {"rows": summary, "table": table}
 
 

@@ -1,7 +1,7 @@
 """Is a method's gain over SFT larger than training noise? Compare main-job runs that differ only in their seeds.
 
     python pipeline/seeds.py --runs checkpoints/pipeline/real_gemma_seed2 checkpoints/pipeline/real_gemma_s1 \\
-        checkpoints/pipeline/real_gemma_s2 --known "42: DPO adapter=-0.0129, iterative DPO adapter=+0.0296"
+        checkpoints/pipeline/real_gemma_s2 --known "42: dpo=-0.0129, iterate=+0.0296"
 
 One report of ``pipeline/run.py`` has one training run per method, so its intervals cover which held-out prompts were
 drawn, not how another seed of the same recipe would have trained. Given several runs on the same held-out split
@@ -32,10 +32,11 @@ from promptrec.tables import DataError, write_json
 class SeedArguments:
     runs: list[str] = field(default_factory=list, metadata={
         "help": "Run folders of pipeline/run.py that share the held-out split (predict/ and split/ in each)."})
-    methods: list[str] = field(default_factory=lambda: ["DPO adapter", "iterative DPO adapter", "GRPO adapter"],
-                               metadata={"help": "Report rows to compare with the SFT adapter (matched by prefix)."})
+    methods: list[str] = field(default_factory=lambda: ["dpo", "iterate", "grpo"], metadata={
+        "help": "Report row ids to compare with the SFT adapter: dpo, dpo_mean, iterate, grpo, mbr, base…"})
     known: list[str] = field(default_factory=list, metadata={
-        "help": "Runs given as numbers, 'LABEL: METHOD=DIFF, METHOD=DIFF' (a method's − SFT difference)."})
+        "help": "Runs given as numbers, 'LABEL: ROW=DIFF, ROW=DIFF' (a report row's − SFT difference, e.g. "
+                "'42: dpo=-0.0129')."})
     scorer: str = field(default="embedded", metadata={"help": "SCS scorer (the runs' own: see their report.json)."})
     output_dir: str = field(default="checkpoints/pipeline/seeds", metadata={"help": "Where seeds.md/json go."})
 
@@ -57,35 +58,29 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
 
 
 def parse_known(entry: str) -> tuple[str, dict[str, float]]:
-    """``"42: DPO adapter=-0.0129, iterative DPO adapter=+0.0296"`` → ``("42", {"DPO adapter": -0.0129, …})``."""
+    """``"42: dpo=-0.0129, iterate=+0.0296"`` → ``("42", {"dpo": -0.0129, "iterate": 0.0296})``."""
     label, sep, rest = entry.partition(":")
     try:
         values = {name.strip(): float(value) for name, value in (p.split("=") for p in rest.split(",") if p.strip())}
     except ValueError:
         values = {}
     if not sep or not label.strip() or not values:
-        raise DataError(f"--known {entry!r}: expected 'LABEL: METHOD=DIFF, METHOD=DIFF'")
+        raise DataError(f"--known {entry!r}: expected 'LABEL: ROW=DIFF, ROW=DIFF'")
     return label.strip(), values
 
 
-def find_method(names, prefix: str) -> str | None:
-    """The report row whose name starts with ``prefix`` ("iterative DPO adapter (2 rounds)" for "iterative DPO")."""
-    return next((n for n in names if n.startswith(prefix)), None)
-
-
-def run_scores(runs: list[str], scorer, prefixes=()) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Per run: method → per-row SCS on the held-out rows (the SFT adapter and the methods named by ``prefixes``);
+def run_scores(runs: list[str], scorer, methods=()) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Per run: row id → per-row SCS on the held-out rows (the SFT adapter and the rows named by ``methods``);
     and the rows' prompt clusters. The runs must hold the same held-out rows in the same order (same split), else
     :class:`DataError` names the first run that differs."""
     per_run, ids, groups = [], None, None
     for run in runs:
-        truth, methods = comparison_predictions(Path(run))
+        truth, predictions, _ = comparison_predictions(Path(run))
         if ids is None:
             ids, groups = list(truth["id"]), row_groups(truth)
         elif list(truth["id"]) != ids:
             raise DataError(f"{run}: its held-out rows differ from {runs[0]}'s; compare runs of one split only")
-        wanted = {name: preds for name, preds in methods.items()
-                  if name == "SFT adapter" or any(name.startswith(p) for p in prefixes)}
+        wanted = {row: preds for row, preds in predictions.items() if row == "sft" or row in methods}
         per_run.append({name: scorer.score(preds, list(truth["rewrite_prompt"])) for name, preds in wanted.items()})
     return per_run, groups
 
@@ -94,20 +89,17 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
     """Per method: each run's paired difference to SFT, the across-run t-interval, the seed-averaged rows."""
     known = [parse_known(k) for k in args.known]
     results = []
-    for prefix in args.methods:
-        runs = []
-        for label, scores in zip(args.runs, per_run):
-            name = find_method(scores, prefix)
-            if name is not None:
-                runs.append({"run": Path(label).name, **dict(zip(("diff", "low", "high"),
-                                                      paired(scores[name], scores["SFT adapter"], groups)))})
-        runs += [{"run": label, "diff": values[prefix], "low": None, "high": None}
-                 for label, values in known if prefix in values]
+    for method in args.methods:
+        runs = [{"run": Path(label).name, **dict(zip(("diff", "low", "high"),
+                                                  paired(scores[method], scores["sft"], groups)))}
+                for label, scores in zip(args.runs, per_run) if method in scores]
+        runs += [{"run": label, "diff": values[method], "low": None, "high": None}
+                 for label, values in known if method in values]
         if len(runs) < 2:
             continue
-        rows = [s[find_method(s, prefix)] - s["SFT adapter"] for s in per_run if find_method(s, prefix)]
+        rows = [s[method] - s["sft"] for s in per_run if method in s]
         pooled = paired(np.mean(rows, axis=0), np.zeros(len(rows[0])), groups) if rows else (None, None, None)
-        results.append({"method": prefix, "runs": runs,
+        results.append({"method": method, "runs": runs,
                         "across_runs": dict(zip(("mean", "low", "high"), t_interval([r["diff"] for r in runs]))),
                         "row_average": dict(zip(("mean", "low", "high"), pooled), n_runs=len(rows))})
     return results

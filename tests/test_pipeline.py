@@ -1,4 +1,5 @@
-"""The main job at its smallest size: every stage runs, the report has every row, a re-run skips finished stages."""
+"""The main job at its smallest size: every stage runs, the report has every row; a re-run skips what is unchanged
+and re-runs what changed, from the changed stage on."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Every optional stage at its smallest: a second DPO round (6 fresh triplets a round), GRPO with 2 answers of 8
 # tokens per prompt for one step, MBR decoding over 2 samples
+GRPO_EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+              "--max_completion_length 8")
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
             "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",
-            "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra",
-            "grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
-            "--max_completion_length 8"]
+            "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra", GRPO_EXTRA]
+SKIPPED = "done before with the same settings and inputs, skipped"
 # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, GRPO, MBR
 METHODS = 9
 
@@ -55,7 +57,9 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert md.count("\n| ") >= METHODS + 1
     for stage in ("sft", "dpo", "grpo", "iterate/round2/dpo"):
         assert (run_dir / stage / "adapter_config.json").exists()
-    assert "MBR decoding (iterate, N=2) − iterative DPO adapter (2 rounds)" in report["paired"]
+    assert "mbr − iterate" in report["paired"] and [r["id"] for r in report["rows"]] == [
+        "constant", "mean_prompt", "base", "sft", "dpo", "dpo_mean", "iterate", "grpo", "mbr"]
+    assert "MBR decoding (iterate, N=2) − iterative DPO adapter (2 rounds), paired" in md
     assert "prompt clusters" in md  # the intervals resample clusters, not rows
     assert_round_two_is_on_policy(run_dir)
     heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
@@ -65,11 +69,28 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
         sub = pd.read_csv(run_dir / "predict" / f"{name}.csv")
         assert sub.rewrite_prompt.fillna("").str.strip().str.len().min() > 0
 
-    second = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                            check=False)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done before, skipped") == 11
-    assert "$ " not in second.stderr  # no stage command was started again
+    def again(*argv, extra=(GRPO_EXTRA,)):
+        proc = subprocess.run([*PIPELINE[:-1], *extra, "--run_dir", str(run_dir), *argv], cwd=REPO,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {line.split("] ", 1)[1].split(":")[0]: line.split(": ", 1)[1] for line in proc.stdout.splitlines()
+                if line.startswith("=== [")}, proc
+
+    plan, second = again()  # unchanged: every stage skipped, no command started
+    assert list(plan.values()) == [SKIPPED] * 11 and "$ " not in second.stderr
+    plan, _ = again("--size", "small", "--dry_run", "true")  # another size: every stage that depends on it
+    assert plan["rewrite"] == SKIPPED  # the same 504 bundled rows at every size
+    assert "max_heldout 6 → 120" in plan["split"] and "max_steps 2 → 40" in plan["sft"]
+    assert all(plan[s].startswith("would run") for s in list(plan)[1:])
+    changed = (GRPO_EXTRA, "dpo:--beta 0.2")
+    plan, _ = again("--dry_run", "true", extra=changed)  # a changed DPO override: DPO onward, not SFT or GRPO
+    assert [s for s, p in plan.items() if p != SKIPPED] == ["dpo", "iterate", "predict", "report"]
+    assert "beta 0.1 → 0.2" in plan["dpo"] and "round2/dpo beta 0.1 → 0.2" in plan["iterate"]
+    sft_record = (run_dir / "sft" / "stage.json").read_text()
+    plan, _ = again("--until", "dpo", extra=changed)  # and it does what it said
+    assert plan["dpo"].startswith("runs (beta 0.1 → 0.2") and plan["sft"] == SKIPPED
+    assert (run_dir / "sft" / "stage.json").read_text() == sft_record
+    assert json.loads((run_dir / "dpo" / "run_config.json").read_text())["DPOConfig"]["beta"] == 0.2
 
 
 def test_readme_pipeline_commands_and_configs_parse():
@@ -119,7 +140,8 @@ def test_a_forced_stage_starts_from_an_empty_folder(tmp_path, embedded_model_dir
     stale = run_dir / "split" / "stale.parts"
     stale.mkdir()
     again = subprocess.run([*cmd, "--force", "split"], cwd=REPO, capture_output=True, text=True, check=False)
-    assert again.returncode == 0 and not stale.exists() and (run_dir / "split" / "DONE").exists()
+    assert again.returncode == 0 and not stale.exists()
+    assert json.loads((run_dir / "split" / "stage.json").read_text())["status"] == "done"
 
 
 @pytest.mark.parametrize(("bf16", "cpu_bf16", "expected"), [

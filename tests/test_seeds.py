@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,6 @@ def make_run(root: Path, name: str, sft: list[str], dpo: list[str], ids=("a", "b
     (run / "predict").mkdir()
     pd.DataFrame({"id": list(ids), "rewrite_prompt": TRUTH, "prompt_cluster": CLUSTERS}).to_parquet(
         run / "split" / "heldout.parquet")
-    (run / "pipeline_config.json").write_text(json.dumps({"dpo_rounds": 1}))
     for method, preds in (("base", ["x"] * 4), ("sft", sft), ("dpo", dpo)):
         pd.DataFrame({"id": list(ids), "rewrite_prompt": preds}).to_csv(run / "predict" / f"{method}.csv", index=False)
     return str(run)
@@ -49,9 +47,8 @@ def test_t_interval_matches_the_textbook_value():
 
 
 def test_parse_known_reads_numbers_and_rejects_garbage():
-    assert parse_known("42: DPO adapter=-0.0129, iterative DPO adapter=+0.0296") == (
-        "42", {"DPO adapter": -0.0129, "iterative DPO adapter": 0.0296})
-    for bad in ("42 DPO adapter=0.1", "42: DPO adapter", "42: DPO adapter=high", ": DPO adapter=0.1"):
+    assert parse_known("42: dpo=-0.0129, iterate=+0.0296") == ("42", {"dpo": -0.0129, "iterate": 0.0296})
+    for bad in ("42 dpo=0.1", "42: dpo", "42: dpo=high", ": dpo=0.1"):
         with pytest.raises(DataError, match="--known"):
             parse_known(bad)
 
@@ -60,7 +57,7 @@ def test_compare_gives_each_runs_gain_and_their_mean(tmp_path):
     sft = ["Make it a poem.", "no", "no", "no"]  # 1 of 4 right
     run1 = make_run(tmp_path, "s1", sft, ["Make it a poem.", "Make it formal.", "no", "no"])  # +1 row: +0.25
     run2 = make_run(tmp_path, "s2", sft, ["no", "no", "no", "no"])  # −1 row: −0.25
-    args = SeedArguments(runs=[run1, run2], methods=["DPO adapter", "GRPO adapter"], known=["42: DPO adapter=0.5"])
+    args = SeedArguments(runs=[run1, run2], methods=["dpo", "grpo"], known=["42: dpo=0.5"])
     per_run, groups = run_scores(args.runs, ExactScorer(), args.methods)
     assert list(groups) == CLUSTERS and "constant" not in str(set(per_run[0]))  # baselines are not scored
     (result,) = compare(args, per_run, groups)  # no run has GRPO: no row for it

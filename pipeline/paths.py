@@ -1,0 +1,43 @@
+"""Every path of a main-job run folder, named once: pipeline/stages.py writes them, comparison.py and seeds.py read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# What a stage reads of an adapter run folder: the weights, their PEFT config and the run's contract.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "run_config.json")
+
+
+class RunPaths:
+    def __init__(self, root: str | Path):
+        r = self.root = Path(root)
+        self.config = r / "pipeline_config.json"  # the latest invocation's arguments (stage.json: each stage's)
+        self.history = r / "invocations.jsonl"  # every invocation: its arguments, the stages it ran or skipped
+        self.timings = r / "timings.json"
+        self.triplets = r / "rewrite" / "triplets.parquet"
+        self.train, self.heldout = r / "split" / "train.parquet", r / "split" / "heldout.parquet"
+        self.test_csv, self.truth_csv = r / "split" / "test.csv", r / "split" / "truth.csv"
+        self.mean_prompt = r / "mean_prompt" / "mean_prompt.json"
+        self.sft, self.candidates, self.pairs, self.dpo, self.grpo = (r / s for s in
+                                                                     ("sft", "candidates", "pairs", "dpo", "grpo"))
+        self.predict = r / "predict"
+        self.predicted_rows = r / "predict" / "rows.json"  # what the predict stage decoded, per report row id
+        self.report_md, self.report_json = r / "report.md", r / "report.json"
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def round(self, r: int) -> Path:
+        """Round ``r`` >= 2 of on-policy DPO (the iterate stage); round 1 is the dpo stage."""
+        return self.root / "iterate" / f"round{r}"
+
+    def last_dpo(self, rounds: int) -> Path:
+        """The adapter of the last DPO round: the iterate stage's last, or the dpo stage's."""
+        return self.round(rounds) / "dpo" if rounds > 1 else self.dpo
+
+    def prediction(self, row: str) -> Path:
+        return self.predict / f"{row}.csv"
+
+    @staticmethod
+    def adapter_files(run: Path) -> list[Path]:
+        return [Path(run) / name for name in ADAPTER_FILES]

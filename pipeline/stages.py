@@ -1,0 +1,265 @@
+"""The main job as a table of stages: what each reads, what decides its output, and the steps that make it.
+
+A stage is a name, the files it reads (:attr:`Stage.inputs`) and its steps (:attr:`Stage.steps`): commands of other
+entry scripts (each with its recipe and overrides) or functions run here. Steps are built before anything runs, so
+their settings can be compared with the stage's record (pipeline/cache.py) to decide whether the stage runs again.
+A step with its own folder (a round of the iterate stage, one adapter's predictions) leaves ``DONE`` there, so a
+stage interrupted half-way resumes at the step it was on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from arguments import PipelineArguments  # pipeline/arguments.py, beside this script
+from cache import command_settings
+from paths import RunPaths
+
+from promptrec.tables import DataError, write_json, write_table
+from promptrec.triplets import read_triplets
+
+logger = logging.getLogger("pipeline")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Step:
+    """One unit of a stage: ``run()`` does it; ``settings`` decide its output; ``out`` (a sub-folder) gets ``DONE``
+    when it finishes, so a resumed stage skips it (None: the step is the whole stage)."""
+
+    name: str
+    settings: dict[str, str]
+    run: Callable[[], None]
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: Callable[[Job], list[Path]]
+    steps: Callable[[Job], list[Step]]
+
+
+@dataclass
+class Job:
+    """What every stage is built from: the arguments, the run folder's paths and the command runner."""
+
+    args: PipelineArguments
+    paths: RunPaths
+    execute: Callable[[str, list[str]], None]  # (stage, command) → runs it, raises StageFailed on failure
+
+    def knob(self, name: str):
+        return self.args.knob(name)
+
+    def script(self, stage: str, script: str, *cli, name: str = "", out: Path | None = None) -> Step:
+        """A step that runs ``script`` with ``cli`` plus the ``--extra`` overrides given for ``stage``."""
+        extra = [a for e in self.args.extra if e.startswith(f"{stage}:") for a in shlex.split(e.split(":", 1)[1])]
+        argv = [*map(str, cli), *extra]
+        settings = command_settings(script, argv, REPO, self.paths.root)
+        return Step(name, settings, lambda: self.execute(stage, [sys.executable, str(REPO / script), *argv]), out)
+
+    @property
+    def seed(self) -> list:
+        return ["--seed", self.args.seed]
+
+
+# ---------------------------------------------------------------------------------------------------- the stages
+def rewrite(job: Job) -> list[Step]:
+    a, n = job.args, job.knob("max_triplets")
+    if a.triplets and not a.generate:
+        def read():
+            df, counts = read_triplets(a.triplets, a.producers, limit=n, seed=a.seed)
+            logger.info("Triplets %s: %s", a.triplets, counts)
+            write_table(df, job.paths.triplets)
+
+        settings = {"triplets": a.triplets, "producers": " ".join(a.producers), "max_triplets": str(n),
+                    "seed": str(a.seed)}
+        return [Step("", settings, read)]
+    return [job.script("rewrite", "data_generation/rewrite.py", "--config", a.rewrite_recipe, "--generator",
+                       a.generator, "--max_pairs", n, "--max_new_tokens", job.knob("rewrite_new_tokens"),
+                       "--output", job.paths.triplets, *job.seed)]
+
+
+def rewrite_inputs(job: Job) -> list[Path]:
+    a = job.args
+    if a.triplets and not a.generate:
+        return [REPO / "promptrec" / "assets" / "reference_rewrites.jsonl" if a.triplets == "reference"
+                else Path(a.triplets)] if not a.triplets.startswith("hf:") else []
+    return []
+
+
+def split(job: Job) -> list[Step]:
+    a, p = job.args, job.paths
+
+    def run():
+        from promptrec.scoring import Scorer
+        from promptrec.splits import split_frame, with_prompt_clusters
+
+        df, _ = read_triplets(str(p.triplets))
+        if a.split_by == "cluster":
+            df = with_prompt_clusters(df, Scorer(a.scorer).encode, a.cluster_threshold)
+        # salted: the stages split this train side again (by prompt, same seed) for their own eval rows
+        train, heldout = split_frame(df, a.heldout_fraction, by=a.split_by, seed=a.seed, salt="heldout")
+        heldout = heldout.sample(frac=1.0, random_state=a.seed).head(job.knob("max_heldout"))
+        write_table(train, p.train)
+        write_table(heldout, p.heldout)
+        write_table(heldout[["id", "original_text", "rewritten_text"]], p.test_csv)
+        write_table(heldout[["id", "rewrite_prompt"]], p.truth_csv)
+        logger.info("Split by %s: %d train rows, %d held-out rows (%d held-out prompts)", a.split_by, len(train),
+                    len(heldout), heldout.rewrite_prompt.nunique())
+
+    settings = {"split_by": a.split_by, "cluster_threshold": str(a.cluster_threshold), "scorer": a.scorer,
+                "heldout_fraction": str(a.heldout_fraction), "max_heldout": str(job.knob("max_heldout")),
+                "seed": str(a.seed)}
+    return [Step("", settings, run)]
+
+
+def mean_prompt(job: Job) -> list[Step]:
+    # train prompts only: the bank holds the held-out prompts too (the bundled rewrites use bank prompts)
+    return [job.script("mean_prompt", "reward/mean_prompt.py", "--prompts", job.paths.train, "--max_steps",
+                       job.knob("mean_prompt_steps"), "--scorer", job.args.scorer, "--output", job.paths.mean_prompt,
+                       *job.seed)]
+
+
+def sft(job: Job) -> list[Step]:
+    a, p = job.args, job.paths
+    return [job.script("sft", "sft/train.py", "--config", a.sft_recipe, "--model_name_or_path", a.model,
+                       "--triplets", p.train, "--max_text_tokens", a.max_text_tokens, "--max_steps",
+                       job.knob("sft_steps"), "--scorer", a.scorer, "--output_dir", p.sft, "--max_eval_samples",
+                       job.knob("eval_samples"), "--eval_scs_samples", job.knob("eval_samples"),
+                       *a.training_cli(), *job.seed)]
+
+
+def candidates_step(job: Job, out: Path, policy: Path, triplets: Path, name: str = "") -> Step:
+    a, p, limit = job.args, job.paths, job.knob("candidate_triplets")
+    return job.script("candidates", "data_generation/candidates.py", "--config", a.candidates_recipe, "--triplets",
+                      triplets, "--policy_adapter", policy, "--bank", p.train,  # negatives: train prompts only
+                      "--num_samples", job.knob("policy_samples"), "--mean_prompt", p.mean_prompt, "--scorer",
+                      a.scorer, *(["--limit", limit] if limit else []), "--output_dir", out, *job.seed, name=name,
+                      out=out if name else None)
+
+
+def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "") -> Step:
+    # tokenizer and text budget: the sampled policy's, as its run_config.json records it
+    return job.script("pairs", "data_generation/build_pairs.py", "--config", job.args.pairs_recipe, "--candidates",
+                      candidates_dir / "candidates.parquet", "--scorer", job.args.scorer, "--output_dir", out,
+                      *job.seed, name=name, out=out if name else None)
+
+
+def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str = "") -> Step:
+    a = job.args
+    return job.script("dpo", "dpo/train.py", "--config", a.dpo_recipe, "--sft_adapter", start, "--train_pairs",
+                      pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps",
+                      job.knob("dpo_steps"), "--scorer", a.scorer, "--output_dir", out, "--max_eval_pairs",
+                      job.knob("eval_samples"), "--eval_scs_samples", job.knob("eval_samples"), *a.training_cli(),
+                      *job.seed, name=name, out=out if name else None)
+
+
+def iterate(job: Job) -> list[Step]:
+    """Rounds 2..dpo_rounds of on-policy DPO through the candidates/pairs/DPO steps. Each round samples the last
+    round's adapter on train triplets no earlier round used, and starts DPO from that adapter."""
+    if job.args.dpo_rounds < 2:
+        return [Step("", {"dpo_rounds": "1"}, lambda: print("dpo_rounds 1: no further DPO round", flush=True))]
+    p, steps, previous = job.paths, [], job.paths.dpo
+    for r in range(2, job.args.dpo_rounds + 1):
+        rd = p.round(r)
+        steps.append(Step(f"round{r}/triplets", {"round": str(r)}, lambda r=r: fresh_triplets(job, r),
+                          rd / "triplets"))
+        steps.append(candidates_step(job, rd / "candidates", previous, rd / "triplets.parquet",
+                                     f"round{r}/candidates"))
+        steps.append(pairs_step(job, rd / "pairs", rd / "candidates", f"round{r}/pairs"))
+        steps.append(dpo_step(job, rd / "dpo", previous, rd / "pairs", f"round{r}/dpo"))
+        previous = rd / "dpo"
+    return steps
+
+
+def fresh_triplets(job: Job, r: int) -> None:
+    """Round ``r``'s triplets: the train triplets that no earlier round's candidates used."""
+    import pandas as pd
+
+    p = job.paths
+    train = pd.read_parquet(p.train)
+    used_by = [p.candidates, *(p.round(k) / "candidates" for k in range(2, r))]
+    used = set().union(*(set(pd.read_parquet(d / "triplets.parquet")["id"]) for d in used_by))
+    fresh = train[~train["id"].isin(used)]
+    if fresh.empty:
+        raise DataError(f"round {r}: every train triplet was used by an earlier round; lower dpo_rounds")
+    write_table(fresh, p.round(r) / "triplets.parquet")
+
+
+def grpo(job: Job) -> list[Step]:
+    a = job.args
+    if not a.grpo_recipe:
+        return [Step("", {"grpo": "off (no grpo_recipe)"}, lambda: print("no grpo_recipe: GRPO skipped", flush=True))]
+    return [job.script("grpo", "dpo/grpo.py", "--config", a.grpo_recipe, "--sft_adapter", job.paths.sft,
+                       "--max_steps", job.knob("grpo_steps"), "--scorer", a.scorer, "--output_dir", job.paths.grpo,
+                       "--eval_scs_samples", job.knob("eval_samples"), *a.training_cli(), *job.seed)]
+
+
+def predicted_adapters(job: Job) -> dict[str, Path | None]:
+    """Report row id → the adapter the predict stage decodes greedily (None: the base model zero-shot)."""
+    a, p = job.args, job.paths
+    rows = {"base": None, "sft": p.sft, "dpo": p.dpo}
+    rows |= {"iterate": p.last_dpo(a.dpo_rounds)} if a.dpo_rounds > 1 else {}
+    return rows | ({"grpo": p.grpo} if a.grpo_recipe else {})
+
+
+def predict(job: Job) -> list[Step]:
+    a, p = job.args, job.paths
+    mean = ["--mean_prompt", p.mean_prompt]
+    steps, rows = [], {}
+    for row, adapter in predicted_adapters(job).items():
+        # an adapter brings its base model and text budget (run_config.json); the base alone is told them
+        policy = ["--adapter", adapter] if adapter else ["--model", a.model, "--max_text_tokens", a.max_text_tokens]
+        steps.append(job.script("predict", "inference/predict.py", *policy, "--input", p.test_csv, "--output",
+                                p.prediction(row), *mean, name=row, out=p.predict / row))
+        rows[row] = {"adapter": str(adapter) if adapter else None, "selection": "greedy"}
+    if a.mbr_candidates:
+        last, greedy = p.last_dpo(a.dpo_rounds), "iterate" if a.dpo_rounds > 1 else "dpo"
+        steps.append(job.script("predict", "inference/predict.py", "--adapter", last, "--input", p.test_csv,
+                                "--output", p.prediction("mbr"), *mean, "--selection", "mbr", "--num_candidates",
+                                a.mbr_candidates, "--scorer", a.scorer, "--seed", a.seed, name="mbr",
+                                out=p.predict / "mbr"))
+        rows["mbr"] = {"adapter": str(last), "selection": "mbr", "greedy": greedy, "num_candidates": a.mbr_candidates}
+    rows = {row: {**info, "dpo_rounds": a.dpo_rounds} if row == "iterate" else info for row, info in rows.items()}
+    steps.append(Step("rows", {"rows": " ".join(rows)}, lambda: write_json(rows, p.predicted_rows)))
+    return steps
+
+
+def report(job: Job) -> list[Step]:
+    from comparison import build_report  # pipeline/comparison.py
+
+    return [Step("", {"scorer": job.args.scorer}, lambda: build_report(job.paths.root, job.args.scorer,
+                                                                       out_dir=job.paths.root))]
+
+
+# ------------------------------------------------------------------------------------------------- what they read
+def _adapter(job: Job, run: Path) -> list[Path]:
+    return job.paths.adapter_files(run)
+
+
+STAGE_TABLE = (
+    Stage("rewrite", rewrite_inputs, rewrite),
+    Stage("split", lambda j: [j.paths.triplets], split),
+    Stage("mean_prompt", lambda j: [j.paths.train], mean_prompt),
+    Stage("sft", lambda j: [j.paths.train], sft),
+    Stage("candidates", lambda j: [j.paths.train, j.paths.mean_prompt, *_adapter(j, j.paths.sft)],
+          lambda j: [candidates_step(j, j.paths.candidates, j.paths.sft, j.paths.train)]),
+    Stage("pairs", lambda j: [j.paths.candidates / "candidates.parquet"],
+          lambda j: [pairs_step(j, j.paths.pairs, j.paths.candidates)]),
+    Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"],
+          lambda j: [dpo_step(j, j.paths.dpo, j.paths.sft, j.paths.pairs)]),
+    Stage("iterate", lambda j: [j.paths.train, j.paths.mean_prompt, j.paths.candidates / "triplets.parquet",
+                                *_adapter(j, j.paths.dpo)] if j.args.dpo_rounds > 1 else [], iterate),
+    Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo),
+    Stage("predict", lambda j: [j.paths.test_csv, j.paths.mean_prompt, *(
+        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a))], predict),
+    Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *(
+        j.paths.prediction(r) for r in (*predicted_adapters(j), *(["mbr"] if j.args.mbr_candidates else [])))],
+        report),
+)
