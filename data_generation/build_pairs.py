@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from promptrec import pairs as P
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.plots import figure
-from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS
+from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, resolve_policy
 from promptrec.resumable import dist_info, run_sharded, write_manifest
+from promptrec.run_config import override_field
+from promptrec.scoring import ScorerArguments
 from promptrec.splits import SPLIT_BY, eval_mask, with_prompt_clusters
 from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import preference_example
@@ -36,16 +38,14 @@ logger = logging.getLogger("build_pairs")
 
 
 @dataclass
-class PairArguments:
+class PairArguments(ScorerArguments):
+    """How candidates are scored (the scorer's options: ``--scorer``, ``--scs_exponent`` …), paired and split."""
+
     candidates: str = field(default="checkpoints/data/smollm2/candidates.parquet", metadata={
         "help": "Candidates from candidates.py (id, candidate, source)."})
     triplets: str | None = field(default=None, metadata={
         "help": "Triplets with ids (default: triplets.parquet beside the candidates)."})
     output_dir: str | None = field(default=None, metadata={"help": "Output folder (default: pairs/ beside them)."})
-    scorer: str = field(default="auto", metadata={"help": "SCS embedding model: auto, embedded, hub id or dir."})
-    exponent: float = field(default=3.0, metadata={"help": "SCS sharpening exponent (the competition's is 3)."})
-    scorer_batch_size: int = field(default=64, metadata={"help": "Texts per embedding batch."})
-    scorer_cache_dir: str | None = field(default=None, metadata={"help": "On-disk embedding cache (shared)."})
     strategy: str = field(default="best_vs_worst", metadata={"help": f"One of {', '.join(P.STRATEGIES)}."})
     min_margin: float = field(default=0.1, metadata={"help": "Smallest score_chosen - score_rejected kept."})
     k: int = field(default=2, metadata={"help": "k of topk_bottomk."})
@@ -55,10 +55,11 @@ class PairArguments:
         "help": "Only these candidate sources may be rejected, e.g. policy (on-policy pairs); empty: any."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens). Default: "
-                "the policy recorded in candidates.manifest.json (the SFT run), else embedded."})
+                "that of the policy candidates.manifest.json names (the SFT run), else embedded."})
     max_text_tokens: int | None = field(default=None, metadata={
-        "help": "Each text is cut to this many tokens in the prompt. Default: the SFT run's (candidates.manifest."
-                "json), else 256."})
+        "help": "Each text is cut to this many tokens in the prompt. Default: the run_config.json of the SFT run "
+                "candidates.manifest.json names (a value given must agree with it), else 256."})
+    allow_config_override: bool = override_field()
     split_by: str = field(default="prompt", metadata={"help": f"Group kept on one side: {', '.join(SPLIT_BY)}."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of groups in eval."})
     cluster_threshold: float = field(default=0.85, metadata={
@@ -115,14 +116,19 @@ def score_examples(args: PairArguments, scorer, examples: pd.DataFrame, parts_di
 
 
 def prompt_format(args: PairArguments) -> tuple[str, int | None]:
-    """(tokenizer, text budget) to render the pairs' prompts in: the flags, else the policy that
-    ``candidates.manifest.json`` records (the SFT run DPO starts from), else the embedded model's and 256."""
+    """(tokenizer, text budget) to render the pairs' prompts in: those of the policy the candidates sampled, which
+    ``candidates.manifest.json`` names. An SFT run (the one DPO starts from) is read through
+    :func:`promptrec.policy.resolve_policy` (``--max_text_tokens`` must agree with its RunConfig); a base policy
+    alone gives the flags, else its name and 256."""
     manifest = Path(args.candidates).with_name("candidates.manifest.json")
-    policy = (json.loads(manifest.read_text(encoding="utf-8")).get("policy") if manifest.is_file() else None) or {}
-    tokenizer = args.tokenizer or policy.get("tokenizer") or "embedded"
-    budget = args.max_text_tokens if args.max_text_tokens is not None else policy.get(
+    recorded = (json.loads(manifest.read_text(encoding="utf-8")).get("policy") if manifest.is_file() else None) or {}
+    if recorded.get("adapter"):
+        policy = resolve_policy(adapter=recorded["adapter"], max_text_tokens=args.max_text_tokens, load_in_4bit=False,
+                                allow_override=args.allow_config_override)
+        return args.tokenizer or policy.tokenizer_source, policy.max_text_tokens
+    budget = args.max_text_tokens if args.max_text_tokens is not None else recorded.get(
         "max_text_tokens", DEFAULT_MAX_TEXT_TOKENS)
-    return tokenizer, budget
+    return args.tokenizer or recorded.get("model") or "embedded", budget
 
 
 def example_pairs(args: PairArguments, example: dict, strategy: str | None = None) -> list[dict]:
@@ -170,12 +176,11 @@ def plot_margins(train: pd.DataFrame, evals: pd.DataFrame, path: Path, title: st
 
 def main(args: PairArguments) -> dict | None:
     from promptrec.models import load_tokenizer
-    from promptrec.scoring import Scorer
 
     out = Path(args.output_dir)
     start = time.time()
     examples = load_examples(args)
-    scorer = Scorer(args.scorer, args.exponent, batch_size=args.scorer_batch_size, cache_dir=args.scorer_cache_dir)
+    scorer = args.build()
     parts = score_examples(args, scorer, examples, out / "scores.parts")
     if parts is None:  # not rank 0
         return None

@@ -25,10 +25,12 @@ import pandas as pd
 from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.generation import SamplingParams
-from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed, text_key
-from promptrec.policy import Policy, load_sampler, resolve_policy
+from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed
+from promptrec.policy import load_sampler, policy_of
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction, resolve_mean_prompt
 from promptrec.resumable import gather_parts, run_share, write_manifest
+from promptrec.run_config import override_field
+from promptrec.scoring import ScorerArguments
 from promptrec.tables import write_table
 from promptrec.templates import recovery_messages
 from promptrec.triplets import read_triplets
@@ -38,7 +40,9 @@ SOURCES = ("policy", "bank_hard", "bank_random", "mean", TRUE_SOURCE)
 
 
 @dataclass
-class CandidateArguments:
+class CandidateArguments(ScorerArguments):
+    """What to sample and draw candidates from; the scorer's options (``--scorer`` …) embed the bank negatives."""
+
     triplets: str = field(default="checkpoints/data/smollm2/rewrites.parquet", metadata={
         "help": "Triplets: the rewrite step's output or an external .csv/.jsonl/.parquet/hf: file."})
     producers: list[str] = field(default_factory=list, metadata={
@@ -67,6 +71,7 @@ class CandidateArguments:
     batch_size: int = field(default=8, metadata={"help": "Triplets per generate call."})
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "Each text is cut to this many tokens in the prompt (default: the adapter's setting, else 256)."})
+    allow_config_override: bool = override_field()
     bank: list[str] = field(default_factory=lambda: ["bank"], metadata={
         "help": "Prompt bank: 'bank' (built-in) and/or files, e.g. ../shared/data/prompts.csv."})
     bank_column: str = field(default="rewrite_prompt", metadata={"help": "Prompt column of bank files."})
@@ -76,12 +81,18 @@ class CandidateArguments:
     n_random: int = field(default=4, metadata={"help": "Random bank negatives per triplet."})
     hard_ceiling: float = field(default=0.9, metadata={
         "help": "Bank prompts at or above this cosine to the true prompt are near-duplicates, never negatives."})
-    scorer: str = field(default="auto", metadata={"help": "Embedding model for negatives: auto, embedded, id or dir."})
-    scorer_cache_dir: str | None = field(default=None, metadata={"help": "On-disk embedding cache (shared)."})
     mean_prompt: str = field(default=DEFAULT_MEAN_PROMPT, metadata={
         "help": "The mean prompt, or a JSON file from reward/mean_prompt.py (key 'mean_prompt')."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling, random negatives and --limit."})
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is present."})
+
+    @property
+    def model(self) -> str | None:  # what promptrec.policy.policy_of reads
+        return self.policy
+
+    @property
+    def adapter(self) -> str | None:
+        return self.policy_adapter
 
     def __post_init__(self):
         if self.policy_adapter is not None and self.policy_adapter.strip().lower() in ("", "none"):
@@ -99,49 +110,34 @@ class CandidateArguments:
             raise ValueError(f"rename entries look like FILE_COLUMN=OUR_COLUMN, got {self.rename}")
 
 
-def load_bank(sources: list[str], column: str, limit: int | None = None, seed: int = 0) -> list[str]:
-    """Distinct bank prompts (by :func:`text_key`) in file order; a seeded sample of ``limit`` of them if given."""
-    frames = [corpus.prompt_bank() if s == "bank" else corpus.read_prompts(s, column) for s in sources]
-    prompts = pd.concat(frames, ignore_index=True)["rewrite_prompt"].tolist()
-    prompts = list({text_key(p): p for p in reversed(prompts)}.values())[::-1]
-    if limit and limit < len(prompts):
-        keep = np.sort(np.random.default_rng(seed).choice(len(prompts), limit, replace=False))
-        prompts = [prompts[i] for i in keep]
-    return prompts
-
-
 def bank_negatives(args: CandidateArguments, truths: list[str], ids: list[str]) -> list[dict[str, list[str]]]:
     """For each true prompt, ``{"bank_hard": [...], "bank_random": [...]}`` from the bank (empty when unused)."""
     n_hard = args.n_hard if "bank_hard" in args.sources else 0
     n_random = args.n_random if "bank_random" in args.sources else 0
     if not (n_hard or n_random) or not truths:
         return [{"bank_hard": [], "bank_random": []} for _ in truths]
-    from promptrec.scoring import Scorer
-
-    bank = load_bank(args.bank, args.bank_column, args.bank_limit, args.seed)
-    scorer = Scorer(args.scorer, cache_dir=args.scorer_cache_dir)
+    bank = corpus.load_prompt_sources(args.bank, args.bank_column, limit=args.bank_limit,
+                                      seed=args.seed)["rewrite_prompt"].tolist()
+    scorer = args.build()
     logger.info("Negatives: %d bank prompts, embedded with %s", len(bank), scorer.identity["model"])
     picks = select_negatives(scorer.encode(truths), scorer.encode(bank), n_hard, n_random, args.hard_ceiling,
                              seeds=[stable_seed(args.seed, i) for i in ids])
     return [{"bank_hard": [bank[j] for j in hard], "bank_random": [bank[j] for j in rand]} for hard, rand in picks]
 
 
-def policy_of(args: CandidateArguments) -> Policy:
-    """The policy to sample: with an adapter, its base, tokenizer and text budget are what the SFT run recorded, so
-    the policy sees the prompt format it was trained on (flags given here win)."""
-    return resolve_policy(args.policy, args.policy_adapter, args.max_text_tokens, args.load_in_4bit)
-
-
 def example_record(row: dict, use_true: bool, mean_prompt: str | None, samples: list[str],
                    negatives: dict[str, list[str]]) -> dict:
-    """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication)."""
+    """One part row: the example's candidates and their sources, the true prompt first (it wins de-duplication).
+    Policy samples are cleaned as inference cleans them, with the row's texts, so an unusable one (a copy of the
+    input included: :func:`promptrec.postprocess.unusable_reason`) is dropped and counted."""
+    cleaned = [clean_prediction(s, sources=(row["original_text"], row["rewritten_text"])) for s in samples]
     found = [(row["rewrite_prompt"], TRUE_SOURCE)] if use_true else []
     found += [(mean_prompt, "mean")] if mean_prompt else []
-    found += [(clean_prediction(s), "policy") for s in samples]
+    found += [(c, "policy") for c in cleaned]
     found += [(c, src) for src in ("bank_hard", "bank_random") for c in negatives[src]]
     found = [(c, s) for c, s in found if c]
     return {"id": row["id"], "candidates": [c for c, _ in found], "sources": [s for _, s in found],
-            "unusable_samples": sum(not clean_prediction(s) for s in samples)}
+            "unusable_samples": cleaned.count("")}
 
 
 def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_dir: Path) -> None:

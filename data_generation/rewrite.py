@@ -88,12 +88,6 @@ def load_texts(args: RewriteArguments, tokenizer) -> tuple[pd.DataFrame, dict]:
     return chunked, counts
 
 
-def load_prompts(args: RewriteArguments) -> pd.DataFrame:
-    frames = [corpus.prompt_bank() if src == "bank" else
-              corpus.read_prompts(src, args.prompt_column, args.category_column) for src in args.prompts]
-    return pd.concat(frames, ignore_index=True).drop_duplicates("rewrite_prompt").reset_index(drop=True)
-
-
 def generate_rows(ids, conversations, parts_dir, make_row, generate_batches, desc) -> pd.DataFrame | None:
     """Generate every pending row (this process's share), resumably; the merged rows on rank 0."""
     def work(todo, writer):
@@ -131,7 +125,7 @@ def main(args: RewriteArguments) -> pd.DataFrame | None:
                                                       args.min_words)
         text_counts["llm_written"] = written_counts.get("kept", 0)
         texts = pd.concat([texts, written], ignore_index=True)
-    prompts = load_prompts(args)
+    prompts = corpus.load_prompt_sources(args.prompts, args.prompt_column, args.category_column)
     jobs = corpus.make_jobs(texts, prompts, args.prompts_per_text, args.seed, args.max_pairs)
     logger.info("%d texts × %d prompts → %d pairs; text counts %s", len(texts), len(prompts), len(jobs), text_counts)
     if dist_info()[0] == 0 and len(jobs):

@@ -3,9 +3,10 @@
 For each recovery prompt the policy samples ``num_generations`` answers; each answer is cleaned as inference cleans it
 and scored by SCS against the true prompt (``promptrec.rewards.scs_reward``; unusable answers get -1); GRPO pushes
 the policy towards the answers that beat their group's mean. An optional length penalty joins it with its own
-weight (``--length_penalty_weight``). The prompts are the SFT run's train split (``split.json``) unless
-``--triplets`` is given. At the end the GRPO adapter and the SFT adapter are scored by greedy SCS on the same eval
-triplets (the SFT run's eval split unless ``--eval_triplets`` is given), as dpo/train.py does.
+weight (``--length_penalty_weight``). The prompts are the train triplets saved in the SFT run's folder
+(``split.parquet``) unless ``--triplets`` is given; the base and how it is loaded come from its run_config.json. At
+the end the GRPO adapter and the SFT adapter are scored by greedy SCS on the same eval triplets (the SFT run's saved
+eval triplets unless ``--eval_triplets`` is given), as dpo/train.py does.
 
     python dpo/grpo.py --config dpo/configs/grpo_smollm2.yaml
     accelerate launch --config_file dpo/accelerate/multi_cpu.yaml dpo/grpo.py --config dpo/configs/grpo_smollm2.yaml
@@ -14,9 +15,10 @@ triplets (the SFT run's eval split unless ``--eval_triplets`` is given), as dpo/
 ``beta`` (the KL weight) defaults to 0, TRL's default: no reference forward pass per step. With ``beta > 0`` TRL 1.16
 (with peft >= 0.20) copies the loaded SFT adapter into a frozen adapter "ref", so the KL anchor is the SFT policy.
 
-Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, metrics.json (train
-rewards, SCS of GRPO and SFT), curves.png, eval_predictions.jsonl, completions/ (sampled answers with their rewards,
-with ``log_completions``). ``inference/predict.py --adapter <output_dir>`` loads it like an SFT or DPO run.
+Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, README.md (model card),
+metrics.json (train rewards, SCS of GRPO and SFT), curves.png, eval_predictions.jsonl, split.parquet (carried on),
+completions/ (sampled answers with their rewards, with ``log_completions``). ``inference/predict.py --adapter
+<output_dir>`` loads it like an SFT or DPO run.
 """
 
 from __future__ import annotations
@@ -26,23 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from trl import GRPOConfig, GRPOTrainer, ModelConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
 from promptrec.rewards import length_penalty, scs_reward
+from promptrec.run_config import SPLIT_ROWS, split_rows
+from promptrec.tables import DataError
 from promptrec.templates import recovery_messages
 from promptrec.training import (
     FromSFTArguments,
+    InheritedModelConfig,
+    continued_run_config,
     inherit_from_sft,
     load_base,
     read_split_triplets,
     resolve_resume,
-    run_config,
     save_run,
     scs_eval,
     sft_eval_triplets,
-    split_triplets,
 )
 
 logger = logging.getLogger("grpo")
@@ -54,7 +58,7 @@ class GRPOScriptArguments(FromSFTArguments):
 
     triplets: str | None = field(default=None, metadata={
         "help": "Triplet file whose rows become the prompts (id, original_text, rewrite_prompt, rewritten_text); "
-                "default: the SFT run's train split (split.json)."})
+                f"default: the train triplets saved in the SFT run's folder ({SPLIT_ROWS})."})
     max_train_triplets: int | None = field(default=None, metadata={"help": "Use a seeded sample of this many."})
     length_penalty_weight: float = field(default=0.0, metadata={
         "help": "Weight of the length penalty beside the SCS reward's 1.0 (GRPOConfig reward_weights); 0: off."})
@@ -92,10 +96,11 @@ def reward_functions(script_args: GRPOScriptArguments, training_args: GRPOConfig
     return funcs
 
 
-def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> GRPOTrainer:
+def main(script_args: GRPOScriptArguments, training_args: GRPOConfig,
+         model_args: InheritedModelConfig) -> GRPOTrainer:
     # ---------------------------------------------------------------------------------------------- setup
     setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
-    sft_config = inherit_from_sft(script_args, model_args)
+    sft_run = inherit_from_sft(script_args, model_args)  # base, loading settings and text budget: the SFT run's
     logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
     output_dir = Path(training_args.output_dir)
 
@@ -105,10 +110,10 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
 
     # -------------------------------------------------------------------------------------------- dataset
     df = (read_split_triplets(script_args.triplets) if script_args.triplets
-          else split_triplets(script_args.sft_adapter, "train"))
+          else split_rows(script_args.sft_adapter, "train"))
     if df is None:
-        raise FileNotFoundError(f"No split.json in {script_args.sft_adapter} and no --triplets: nothing to take the "
-                                "prompts from")
+        raise DataError(f"{script_args.sft_adapter}: no {SPLIT_ROWS} (an SFT run from before the triplets were saved "
+                        "beside it); pass --triplets")
     if script_args.max_train_triplets and script_args.max_train_triplets < len(df):
         df = df.sample(n=script_args.max_train_triplets, random_state=training_args.seed)
     train_ds = prompt_dataset(df, tokenizer, script_args.max_text_tokens)
@@ -131,12 +136,12 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
             model.load_adapter(script_args.sft_adapter, adapter_name="ref", is_trainable=False)
         metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, {"grpo": "default", "sft": "ref"},
                                   trainer.accelerator, output_dir / "eval_predictions.jsonl")
-    config = run_config("grpo", script_args, training_args, model_args, sft_run=sft_config)
+    config = continued_run_config("grpo", sft_run, script_args, training_args, model_args, script_args.triplets)
     save_run(trainer, config, metrics, panels=[("reward",), ("rewards/scs/mean",), ("completions/mean_length",),
-                                               ("loss",)])
+                                               ("loss",)], from_run=script_args.sft_adapter)
     logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("train", "scs") if k in metrics})
     return trainer
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args(GRPOScriptArguments, GRPOConfig, ModelConfig)))
+    run_main(lambda: main(*parse_args(GRPOScriptArguments, GRPOConfig, InheritedModelConfig)))

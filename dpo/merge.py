@@ -12,12 +12,13 @@ adapter is folded in with PEFT's ``merge_and_unload``, and the model, the run's 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from promptrec.cli import parse_args, run_main, setup_logging
-from promptrec.policy import RUN_CONFIG, load_policy, read_run_config, resolve_policy
-from promptrec.tables import write_json
+from promptrec.models import parse_dtype
+from promptrec.policy import load_policy, resolve_policy
+from promptrec.run_config import override_field, read_run_config
 
 logger = logging.getLogger("merge")
 
@@ -31,6 +32,7 @@ class MergeArguments:
         "help": "Base model; default the run's (run_config.json), e.g. a local copy of the same hub model."})
     dtype: str = field(default="auto", metadata={
         "help": "dtype of the merged weights: auto (bf16/fp16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+    allow_config_override: bool = override_field()
 
     def __post_init__(self):
         if Path(self.output_dir).resolve() == Path(self.adapter).resolve():
@@ -40,14 +42,16 @@ class MergeArguments:
 def main(args: MergeArguments) -> Path:
     setup_logging()
     config = read_run_config(args.adapter)
-    policy = resolve_policy(args.model_name_or_path, args.adapter, load_in_4bit=False)
+    policy = resolve_policy(args.model_name_or_path, args.adapter, load_in_4bit=False,
+                            allow_override=args.allow_config_override)
     logger.info("Merging %s into %s (%s)", args.adapter, policy.model, args.dtype)
     model, tokenizer = load_policy(policy, args.dtype)
     out = Path(args.output_dir)
     model.merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_json({**config, "merged": True, "merged_from": args.adapter, "model_name_or_path": str(out),
-                "base_model": policy.model, "load_in_4bit": False}, out / RUN_CONFIG)
+    sections = {**config.sections, "merged": True, "merged_from": args.adapter, "base_model": policy.model}
+    replace(config, model_name_or_path=str(out), dtype=str(parse_dtype(args.dtype)).removeprefix("torch."),
+            load_in_4bit=False, load_in_8bit=False, sections=sections).save(out)
     logger.info("Saved the merged model to %s", out)
     return out
 

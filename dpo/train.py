@@ -1,17 +1,19 @@
 """DPO of the SFT adapter on SCS-ranked preference pairs (TRL ``DPOTrainer``), on one process or many.
 
-The base model (4-bit or not) gets the SFT adapter loaded trainable. No reference model is passed: TRL keeps a
+The base model, loaded as the SFT run's run_config.json says (4-bit or not; the recipe repeats none of it), gets
+the SFT adapter loaded trainable. No reference model is passed: TRL keeps a
 frozen copy of the SFT adapter (adapter "ref", a few MB) on the same base, so the reference is the SFT policy and
 the base weights live in memory once. ``precompute_ref_log_probs`` computes the reference log-probs in one pass
 before training instead. At the end the DPO adapter and the SFT adapter are scored by SCS on the same eval
-triplets (the SFT run's eval split unless ``--eval_triplets`` is given).
+triplets (the eval triplets saved in the SFT run's folder unless ``--eval_triplets`` is given).
 
     python dpo/train.py --config dpo/configs/smollm2.yaml
     accelerate launch --config_file dpo/accelerate/multi_cpu.yaml dpo/train.py --config dpo/configs/smollm2.yaml
     accelerate launch --config_file dpo/accelerate/zero2.yaml dpo/train.py --config dpo/configs/mistral7b_qlora.yaml
 
-Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, metrics.json (reward
-margins/accuracy, SCS of DPO and SFT), curves.png, eval_predictions.jsonl. Merge for deployment: dpo/merge.py.
+Outputs in ``output_dir`` (``checkpoints/dpo/<run>/``): adapter, tokenizer, run_config.json, README.md (model card),
+metrics.json (reward margins/accuracy, SCS of DPO and SFT), curves.png, eval_predictions.jsonl, split.parquet (carried
+on from the SFT run). Merge for deployment: dpo/merge.py.
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import DPOConfig, DPOTrainer, ModelConfig
+from trl import DPOConfig, DPOTrainer
 
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
 from promptrec.training import (
     FromSFTArguments,
+    InheritedModelConfig,
     check_pairs_format,
+    continued_run_config,
     inherit_from_sft,
     load_base,
     read_pairs,
     resolve_resume,
     rows_consumed,
-    run_config,
     save_run,
     scs_eval,
     sft_eval_triplets,
@@ -62,10 +65,11 @@ class DPOScriptArguments(FromSFTArguments):
             self.eval_pairs = None
 
 
-def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
+def main(script_args: DPOScriptArguments, training_args: DPOConfig,
+         model_args: InheritedModelConfig) -> DPOTrainer:
     # ---------------------------------------------------------------------------------------------- setup
     setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
-    sft_config = inherit_from_sft(script_args, model_args)
+    sft_run = inherit_from_sft(script_args, model_args)  # base, loading settings and text budget: the SFT run's
     check_pairs_format(script_args.train_pairs, script_args.max_text_tokens)
     logger.info("Script %s\nModel %s\nSFT run %s", script_args, model_args, script_args.sft_adapter)
     output_dir = Path(training_args.output_dir)
@@ -108,7 +112,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_local_main_process:
         shutil.rmtree(shared, ignore_errors=True)
-    config = run_config("dpo", script_args, training_args, model_args, sft_run=sft_config)
+    config = continued_run_config("dpo", sft_run, script_args, training_args, model_args, script_args.train_pairs)
     save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("rewards/margins", "eval_rewards/margins"),
                                                ("rewards/accuracies", "eval_rewards/accuracies")],
              from_run=script_args.sft_adapter)
@@ -117,4 +121,4 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args(DPOScriptArguments, DPOConfig, ModelConfig)))
+    run_main(lambda: main(*parse_args(DPOScriptArguments, DPOConfig, InheritedModelConfig)))

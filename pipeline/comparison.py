@@ -115,6 +115,13 @@ def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer, la
     return rows
 
 
+def fallbacks(run_dir: Path, row: str) -> int | None:
+    """Rows whose model answer was unusable and got the mean prompt instead, as the predict step recorded them in
+    ``predict/<row>.config.json``; None for rows no model predicted (or a run that did not record it)."""
+    path = RunPaths(run_dir).prediction(row).with_suffix(".config.json")
+    return json.loads(path.read_text()).get("fallbacks") if path.is_file() else None
+
+
 def produced_by(run_dir: Path) -> dict[str, dict]:
     """Per stage: the invocation (start time) and pipeline arguments that produced it, from its ``stage.json``."""
     from cache import read_record  # pipeline/cache.py
@@ -182,9 +189,12 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     scorer = Scorer(scorer_name)
     rows = score_methods(truth, methods, scorer, labels)
     by_id = {r["id"]: r for r in rows}
-    table = ["| method | mean SCS | 95% CI | − SFT, paired (95% CI) |", "|---|---:|---|---|"]
-    table += [f"| {r['method']} | {r['mean_scs']:.4f} | {r['ci_low']:.3f} – {r['ci_high']:.3f} | {_fmt_diff(r)} |"
-              for r in rows]
+    for r in rows:
+        r["fallbacks"] = fallbacks(run_dir, r["id"])
+    table = ["| method | mean SCS | 95% CI | − SFT, paired (95% CI) | mean-prompt fallbacks |",
+             "|---|---:|---|---|---:|"]
+    table += [f"| {r['method']} | {r['mean_scs']:.4f} | {r['ci_low']:.3f} – {r['ci_high']:.3f} | {_fmt_diff(r)} | "
+              f"{'—' if r['fallbacks'] is None else r['fallbacks']} |" for r in rows]
     table = "\n".join(table)
     stages = produced_by(run_dir)
     # the data came from the rewrite stage's invocation, the base model from SFT's (this one's for an old run folder)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# What a stage reads of an adapter run folder: the weights, their PEFT config and the run's contract.
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "run_config.json")
+# What a stage reads of an adapter run folder: the weights, their PEFT config, the run's contract and the SFT
+# run's train/eval rows that DPO and GRPO carry on (promptrec/run_config.py).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "run_config.json", "split.parquet")
 
 
 class RunPaths:

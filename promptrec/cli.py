@@ -8,22 +8,37 @@ import sys
 from collections.abc import Callable
 
 from promptrec.models import ModelNotFoundError
-from promptrec.tables import DataError
+from promptrec.tables import DataError, require_path
 
-USER_ERRORS = (DataError, ModelNotFoundError, FileNotFoundError)
+# Bad input the user can fix (a missing path they named is a DataError: promptrec.tables.require_path). Anything
+# else, a FileNotFoundError included, is a bug and keeps its traceback.
+USER_ERRORS = (DataError, ModelNotFoundError)
 
 
 def parse_args(*dataclass_types, args=None):
-    """Parse ``--config recipe.yaml`` plus CLI overrides into the dataclasses (unknown keys are an error). A value a
-    dataclass's ``__post_init__`` refuses (ValueError) prints ``error: <one line>`` and exits 2, like argparse's own
-    errors, instead of a traceback."""
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the dataclasses (unknown keys are an error). A missing
+    recipe, or a value a dataclass's ``__post_init__`` refuses (ValueError), prints ``error: <one line>`` and exits 2,
+    like argparse's own errors, instead of a traceback."""
     from trl import TrlParser
 
     parser = TrlParser(dataclass_types)
     try:
+        recipe = _config_flag(sys.argv[1:] if args is None else args)
+        if recipe is not None:
+            require_path(recipe, hint="the --config recipe")
         return parser.parse_args_and_config(args=args)
-    except ValueError as err:
+    except ValueError as err:  # DataError included
         _exit_with(err)
+
+
+def _config_flag(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv``, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _exit_with(err: Exception) -> None:
@@ -41,7 +56,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Call ``main``; a bad input or model name prints ``error: <one line>`` and exits 2, with no traceback."""
+    """Call ``main``; a bad input, a missing path the user named or a bad model name (:data:`USER_ERRORS`) prints
+    ``error: <one line>`` and exits 2, with no traceback."""
     try:
         main()
     except USER_ERRORS as err:

@@ -72,6 +72,24 @@ def read_prompts(path: str, prompt_column: str = "rewrite_prompt", category_colu
     return df[["rewrite_prompt", "prompt_category"]]
 
 
+def load_prompt_sources(sources: list[str], column: str = "rewrite_prompt", category_column: str = "prompt_category",
+                        limit: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Distinct rewrite prompts from ``sources`` (``"bank"`` = :func:`prompt_bank`, anything else a file read by
+    :func:`read_prompts` with ``column``): columns ``rewrite_prompt, prompt_category``.
+
+    De-duplication, the one rule for every stage: two prompts are the same when they are equal after whitespace
+    normalisation (runs collapsed, ends trimmed; case and punctuation count); the first occurrence is kept, in source
+    then file order. ``limit`` keeps a seeded random sample of that many, still in that order.
+    """
+    frames = [prompt_bank() if src == "bank" else read_prompts(src, column, category_column) for src in sources]
+    prompts = pd.concat(frames, ignore_index=True)
+    prompts = prompts[~prompts["rewrite_prompt"].map(lambda p: " ".join(p.split())).duplicated()]
+    if limit and limit < len(prompts):
+        keep = sorted(random.Random(seed).sample(range(len(prompts)), limit))
+        prompts = prompts.iloc[keep]
+    return prompts.reset_index(drop=True)
+
+
 def normalize(text: str) -> str:
     return " ".join(str(text).lower().split())
 

@@ -4,10 +4,15 @@ Used by the rewrite step (generator = Gemma or the embedded model), candidate sa
 Sorting by length puts similar lengths in one batch, so little compute goes to padding; results come back
 in input order. On the CPU the KV cache is static (:meth:`SamplingParams.generate_kwargs`); the dtype is the loader's
 (:func:`promptrec.models.generation_dtype`). Measured in bench/bench_predict.py.
+
+Sampling draws each row's tokens from its own random stream (:class:`RowSampler`), seeded by the seed and the row's
+prompt tokens (:func:`row_seed`): a row samples the same text whichever rows share its batch, so a resumed, sharded
+or re-batched run samples what one straight run does.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +45,48 @@ class SamplingParams:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def row_seed(seed: int, token_ids: Sequence[int], sample: int = 0) -> int:
+    """The seed of sample ``sample`` of one prompt: from ``seed`` and the prompt's tokens only, never its batch."""
+    digest = hashlib.sha1(f"{seed}:{sample}:{','.join(map(str, token_ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class RowSampler:
+    """A ``transformers`` logits processor that samples under greedy decoding, with one random stream per row.
+
+    Gumbel-max: the argmax of ``scores + Gumbel noise`` is a draw from ``softmax(scores)``. Placed after the
+    temperature / top-k / top-p warpers, it samples as ``do_sample=True`` does, but row r's noise comes from its own
+    generator (``seeds[r]``), so its tokens do not depend on the other rows of the batch (up to the batch's tiny
+    numerical effect on the logits themselves).
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = list(seeds)
+        self.generators = None  # made on the scores' device at the first step (a GPU draws its own noise)
+
+    def __call__(self, input_ids, scores):
+        device = scores.device
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))
+        return scores + gumbel.to(scores.dtype)
+
+
+def sampling_processors(params: SamplingParams, seeds: Sequence[int], top_k: int | None = 50):
+    """The logits processors of a sampled ``generate`` call run as greedy decoding: the warpers ``do_sample`` would
+    apply (temperature, the model's ``top_k``, ``top_p``), then :class:`RowSampler`."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    processors.append(RowSampler(seeds))
+    return processors
 
 
 def default_batch_size() -> int:
@@ -82,16 +129,23 @@ def iter_generate(model, tokenizer, conversations: Sequence[list[dict]], params:
     gen_kwargs = params.generate_kwargs(device)
     batch_size = batch_size or default_batch_size()
     n = params.num_return_sequences
+    sampled = params.temperature > 0
+    if sampled:  # greedy decoding + RowSampler: each of a row's n copies draws from its own stream
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
+        top_k = getattr(model.generation_config, "top_k", None)
+        top_k = 50 if top_k is None else top_k  # do_sample's default
     bar = tqdm(total=len(ids), desc=desc, unit="row", disable=not progress)
-    for b, batch in enumerate(length_sorted_batches([len(x) for x in ids], batch_size)):
+    for batch in length_sorted_batches([len(x) for x in ids], batch_size):
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             attention[row, width - len(ids[i]):] = 1
-        if params.temperature > 0:
-            torch.manual_seed(params.seed + b)
+        if sampled:
+            input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
+            seeds = [row_seed(params.seed, ids[i], k) for i in batch for k in range(n)]
+            gen_kwargs["logits_processor"] = sampling_processors(params, seeds, top_k)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              pad_token_id=pad_id, **gen_kwargs)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

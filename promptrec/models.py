@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = ("embedded", "embedded:smollm2", "smollm2-embedded")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF was made from
+# What identifies a base model's architecture and size (config.json keys): a local copy of a hub model has the same.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "rope_parameters", "sliding_window",
+              "max_position_embeddings")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -114,6 +119,25 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def hub_id(name: str) -> str | None:
+    """The hub id of a model name: the embedded model's source, a name that is no local path itself, else None."""
+    if str(name).lower() in EMBEDDED_ALIASES:
+        return EMBEDDED_HUB_ID
+    return None if Path(name).expanduser().exists() else str(name)
+
+
+def model_shape(model: str | object) -> dict:
+    """The :data:`SHAPE_KEYS` of a model's config (a loaded model's ``config``, or a name whose config.json is read),
+    JSON-normalised: equal for two copies of one base model, different for another model or version."""
+    import json
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model)) if isinstance(model, str) else model
+    values = config.to_dict()
+    return json.loads(json.dumps({k: values[k] for k in SHAPE_KEYS if values.get(k) is not None}))
+
+
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has bf16 instructions (avx512_bf16 or AMX), read from ``/proc/cpuinfo`` flags.
 
@@ -174,12 +198,12 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
                               bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8)
 
 
-def load_tokenizer(name: str, padding_side: str = "left"):
+def load_tokenizer(name: str, padding_side: str = "left", revision: str | None = None):
     """Tokenizer with a pad token and a chat template (a documented one for models that lack it, e.g. Phi-2)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": revision} if revision else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -215,19 +239,23 @@ def keep_cpu_4bit_exact(model) -> None:
 
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
-               quant_type: str = "nf4", double_quant: bool = True, quant_storage=None):
+               quant_type: str = "nf4", double_quant: bool = True, quant_storage=None, revision: str | None = None,
+               attn_implementation: str | None = None):
     """Load a causal LM, optionally quantised (:func:`quantization_config`) and with a PEFT adapter on top.
 
     ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``), loaded trainable
     when ``is_trainable``. The 4-bit compute dtype is ``dtype``; ``device_map`` defaults to :func:`default_device_map`.
+    ``revision`` (hub branch, tag or commit) and ``attn_implementation`` (``eager``, ``sdpa``, ``flash_attention_2``;
+    None: the library's default) go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_type, double_quant, quant_storage)
     device_map = default_device_map() if device_map is None else device_map
+    optional = {k: v for k, v in (("revision", revision), ("attn_implementation", attn_implementation)) if v}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype,
-                                                 quantization_config=quant, device_map=device_map)
+                                                 quantization_config=quant, device_map=device_map, **optional)
     if load_in_4bit:
         keep_cpu_4bit_exact(model)
     if adapter:
@@ -235,5 +263,24 @@ def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
 
         if not (Path(adapter) / "adapter_config.json").exists():
             raise ModelNotFoundError(f"{adapter} holds no adapter_config.json (not a saved PEFT adapter)")
+        check_adapter_weights(adapter)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
     return model
+
+
+def check_adapter_weights(adapter: str | os.PathLike) -> None:
+    """A saved adapter's weights must be there and readable: a missing, truncated or corrupt
+    ``adapter_model.safetensors`` is a one-line :class:`ModelNotFoundError` naming the file, not a traceback from
+    inside PEFT. Only the header and the file's length are read (safetensors checks the length against the header)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter) / "adapter_model.safetensors"
+    if not path.is_file():
+        if (Path(adapter) / "adapter_model.bin").is_file():
+            return  # an old-style PyTorch adapter: PEFT reads it
+        raise ModelNotFoundError(f"{path}: no such file (the adapter's weights)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFoundError(f"{path}: not a readable safetensors file (truncated or corrupt?)") from err

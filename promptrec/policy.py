@@ -1,9 +1,9 @@
-"""A recovery policy resolved once from a checkpoint: base model + adapter + tokenizer + text budget + quantisation.
+"""A recovery policy resolved once from a run folder: base model + adapter + tokenizer + text budget + how to load it.
 
 Every stage that runs a trained policy (candidates, pairs' prompt rendering, predict, merge, the Kaggle notebook)
-asks :func:`resolve_policy` what to load and :func:`load_policy` to load it, so they all render prompts and quantise
-the base exactly as training did. What training decided is read back from the run folder's ``run_config.json``
-(written by :func:`promptrec.training.save_run`); a flag given on the command line wins over it.
+asks :func:`resolve_policy` what to load and :func:`load_policy` to load it, so they all render prompts and load the
+base exactly as training did. What training decided is the run's :class:`~promptrec.run_config.RunConfig`; a flag
+given on the command line must agree with it, unless ``--allow_config_override true``.
 """
 
 from __future__ import annotations
@@ -12,56 +12,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from promptrec.generation import SamplingParams, iter_generate
 from promptrec.models import ModelNotFoundError, generation_dtype, load_model, load_tokenizer
+from promptrec.run_config import DEFAULT_MAX_TEXT_TOKENS, RUN_CONFIG, read_run_config
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG = "run_config.json"
-DEFAULT_MAX_TEXT_TOKENS = 256
-
-
-def read_run_config(run_dir: str | Path | None, required: bool = True) -> dict:
-    """``run_config.json`` of a saved run (e.g. the SFT adapter DPO starts from); ``{}`` when there is none and it
-    is not ``required``."""
-    path = Path(run_dir or "") / RUN_CONFIG
-    if run_dir and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    if required:
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder of sft/train.py or dpo/train.py?")
-    return {}
-
-
-def find_config_value(config, key: str):
-    """The first value stored under ``key`` anywhere in a nested dict/list (run configs group their dataclasses)."""
-    if isinstance(config, dict):
-        if config.get(key) not in (None, ""):
-            return config[key]
-        config = list(config.values())
-    for value in config if isinstance(config, list) else ():
-        found = find_config_value(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def resolve_base_model(model: str | None, adapter: str | None, run_config: dict) -> str:
-    """``model`` if given; else the base the adapter records (run_config.json, then adapter_config.json)."""
-    if model:
-        return model
-    if not adapter:
-        return "embedded"
-    name = find_config_value(run_config, "model_name_or_path")
-    adapter_config = Path(adapter) / "adapter_config.json"
-    if not name and adapter_config.is_file():
-        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if name:
-        return str(name)
-    raise ModelNotFoundError(f"{adapter}: no run_config.json with model_name_or_path (nor adapter_config.json "
-                             f"base_model_name_or_path); pass --model")
 
 
 @dataclass(frozen=True)
@@ -72,9 +31,12 @@ class Policy:
     adapter: str | None = None
     max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS
     load_in_4bit: bool = False
+    load_in_8bit: bool = False
     quant_type: str = "nf4"
     double_quant: bool = True
     quant_storage: str | None = None
+    revision: str | None = None
+    attn_implementation: str | None = None
 
     @property
     def tokenizer_source(self) -> str:
@@ -87,25 +49,68 @@ class Policy:
         return {"model": self.model, "adapter": self.adapter, "max_text_tokens": self.max_text_tokens,
                 "load_in_4bit": self.load_in_4bit}
 
+    def load_kwargs(self) -> dict:
+        """The keyword arguments of :func:`promptrec.models.load_model` that load the base as this policy says."""
+        return {"adapter": self.adapter, "load_in_4bit": self.load_in_4bit, "load_in_8bit": self.load_in_8bit,
+                "quant_type": self.quant_type, "double_quant": self.double_quant, "quant_storage": self.quant_storage,
+                "revision": self.revision, "attn_implementation": self.attn_implementation}
+
+
+class PolicyFlags(Protocol):
+    """What an entry script's arguments say about the policy (predict's; candidates' name them policy*)."""
+
+    model: str | None
+    adapter: str | None
+    max_text_tokens: int | None
+    load_in_4bit: bool | None
+    allow_config_override: bool
+
+
+def policy_of(flags: PolicyFlags) -> Policy:
+    """The policy an entry script's flags name (candidates, predict, the notebook): :func:`resolve_policy`."""
+    return resolve_policy(flags.model, flags.adapter, flags.max_text_tokens, flags.load_in_4bit,
+                          flags.allow_config_override)
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model an adapter without a run config names (``adapter_config.json``: one trained elsewhere)."""
+    path = Path(adapter) / "adapter_config.json"
+    name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path") if path.is_file() else None
+    if not name:
+        raise ModelNotFoundError(f"{adapter}: no {RUN_CONFIG} with model_name_or_path (nor adapter_config.json "
+                                 "base_model_name_or_path); pass --model")
+    return str(name)
+
 
 def resolve_policy(model: str | None = None, adapter: str | None = None, max_text_tokens: int | None = None,
-                   load_in_4bit: bool | None = None) -> Policy:
-    """The policy of ``adapter`` (a run folder) or ``model``: flags first, then the run's ``run_config.json``
-    (base model, text budget, 4-bit settings as trained), then defaults (4-bit when CUDA is available)."""
-    config = read_run_config(adapter, required=False) or read_run_config(model, required=False)
-    if max_text_tokens is None:
-        # top-level key as saved by promptrec.training (null = trained uncut), else anywhere in the nested config
-        max_text_tokens = config["max_text_tokens"] if "max_text_tokens" in config else (
-            find_config_value(config, "max_text_tokens") or DEFAULT_MAX_TEXT_TOKENS)
-    trained_4bit = bool(find_config_value(config, "load_in_4bit"))
-    nested = find_config_value(config, "use_bnb_nested_quant")
-    return Policy(
-        model=resolve_base_model(model, adapter, config), adapter=str(adapter) if adapter else None,
-        max_text_tokens=max_text_tokens,
-        load_in_4bit=(trained_4bit or torch.cuda.is_available()) if load_in_4bit is None else load_in_4bit,
-        quant_type=find_config_value(config, "bnb_4bit_quant_type") or "nf4",
-        double_quant=True if nested is None else bool(nested),
-        quant_storage=find_config_value(config, "bnb_4bit_quant_storage"))
+                   load_in_4bit: bool | None = None, allow_override: bool = False) -> Policy:
+    """The policy of ``adapter`` (a run folder) or ``model`` (a base model, or a merged run folder).
+
+    The run's :class:`~promptrec.run_config.RunConfig` gives the base, the text budget and how the base is loaded
+    (revision, 4-bit settings, attention); ``model`` and ``max_text_tokens``, when given, must agree with it
+    (:meth:`~promptrec.run_config.RunConfig.agree`; ``allow_override`` lets them differ). Quantising is a memory
+    choice at inference: ``load_in_4bit`` None loads as the run trained, or in 4-bit on CUDA. Without a run config
+    (a base alone, an adapter trained elsewhere) the flags and defaults decide.
+    """
+    merged = not adapter and model and (Path(model) / RUN_CONFIG).is_file()
+    run = read_run_config(adapter, required=False) if adapter else read_run_config(model) if merged else None
+    if run is None:
+        base = model or (adapter_base(adapter) if adapter else "embedded")
+        quantised = torch.cuda.is_available() if load_in_4bit is None else load_in_4bit
+        budget = DEFAULT_MAX_TEXT_TOKENS if max_text_tokens is None else max_text_tokens
+        return Policy(base, adapter, budget, quantised)
+    where = str(Path(adapter or model) / RUN_CONFIG)
+    if adapter and run.model_name_or_path:
+        base = run.agree("model_name_or_path", model, allow_override, where)
+    else:  # a merged folder is its own base; a run config without a base: the adapter's
+        base = model or adapter_base(adapter)
+    as_trained = run.load_in_4bit or (not run.load_in_8bit and torch.cuda.is_available())
+    return Policy(model=base, adapter=str(adapter) if adapter else None,
+                  max_text_tokens=run.agree("max_text_tokens", max_text_tokens, allow_override, where),
+                  load_in_4bit=as_trained if load_in_4bit is None else load_in_4bit,
+                  load_in_8bit=load_in_4bit is None and run.load_in_8bit, quant_type=run.bnb_4bit_quant_type,
+                  double_quant=run.use_bnb_nested_quant, quant_storage=run.bnb_4bit_quant_storage,
+                  revision=run.model_revision, attn_implementation=run.attn_implementation)
 
 
 def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
@@ -113,9 +118,7 @@ def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
     tokenizer = load_tokenizer(policy.tokenizer_source)
     logger.info("Loading %s%s (%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
                 "4-bit" if policy.load_in_4bit else dtype)
-    model = load_model(policy.model, adapter=policy.adapter, load_in_4bit=policy.load_in_4bit, dtype=dtype,
-                       device_map=device_map, quant_type=policy.quant_type, double_quant=policy.double_quant,
-                       quant_storage=policy.quant_storage)
+    model = load_model(policy.model, dtype=dtype, device_map=device_map, **policy.load_kwargs())
     model.eval()
     return model, tokenizer
 

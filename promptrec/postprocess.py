@@ -180,16 +180,6 @@ def is_echo(text: str) -> bool:
     return bool(_ECHO.match(text.strip())) or (len(head) >= 24 and head in _plain(RECOVERY_INSTRUCTION))
 
 
-def is_usable(text: str, min_letters: int = 3) -> bool:
-    """Enough letters, not a refusal, not an echo of the input, not degenerate repetition ("a: a: a: …")."""
-    if sum(ch.isalpha() for ch in text) < max(min_letters, 1):
-        return False
-    if _REFUSAL.match(text) or is_echo(text):
-        return False
-    words = text.lower().split()
-    return not (len(words) >= 8 and len(set(words)) / len(words) < 0.3)
-
-
 def _clean_line(line: str, config: PostprocessConfig) -> str:
     if config.strip_list_markers:
         line = strip_list_marker(line)
@@ -208,9 +198,34 @@ def is_copy(text: str, sources: Iterable[str]) -> bool:
     return len(plain.split()) >= 4 and any(plain in squash(as_text(s)).lower() for s in sources)
 
 
+def unusable_reason(text: str, sources: Iterable[str] = (), config: PostprocessConfig | None = None) -> str | None:
+    """Why a cleaned answer is not a prompt, or None when it is one: the one rule behind inference's mean-prompt
+    fallback, the GRPO reward's floor and the policy samples that may become DPO candidates.
+
+    Reasons: ``"too few letters"`` (under ``config.min_letters``, blank included), ``"refusal"``, ``"echo"`` (of the
+    input or of the task's instruction), ``"repetition"`` (8+ words, under 30% distinct) and, with
+    ``config.drop_copies``, ``"copy of the input"`` (4+ words found verbatim in one of ``sources``: the row's original
+    and rewritten texts).
+    """
+    config = config or PostprocessConfig()
+    if sum(ch.isalpha() for ch in text) < max(config.min_letters, 1):
+        return "too few letters"
+    if _REFUSAL.match(text):
+        return "refusal"
+    if is_echo(text):
+        return "echo"
+    words = text.lower().split()
+    if len(words) >= 8 and len(set(words)) / len(words) < 0.3:
+        return "repetition"
+    if config.drop_copies and is_copy(text, sources):
+        return "copy of the input"
+    return None
+
+
 def clean_prediction(raw, config: PostprocessConfig | None = None, sources: Iterable[str] = ()) -> str:
-    """The cleaned prediction, or ``""`` when the raw generation holds nothing usable. ``sources`` are the row's
-    original and rewritten texts, for ``drop_copies``."""
+    """The cleaned prediction, or ``""`` when the raw generation holds nothing usable (:func:`unusable_reason`).
+    ``sources`` are the row's original and rewritten texts, for ``drop_copies``: pass them wherever the row is known.
+    """
     config = config or PostprocessConfig()
     if config.first_line:
         text = ""
@@ -228,9 +243,7 @@ def clean_prediction(raw, config: PostprocessConfig | None = None, sources: Iter
     if config.strip_quotes:
         text = strip_quotes(text)
     text = squash(text)
-    if config.drop_copies and is_copy(text, sources):
-        return ""
-    return text if is_usable(text, config.min_letters) else ""
+    return "" if unusable_reason(text, sources, config) else text
 
 
 def finalize(text: str, config: PostprocessConfig | None = None) -> str:

@@ -21,9 +21,10 @@ import torch
 from promptrec.environment import describe_environment, model_dtype
 from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
-from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, resolve_policy
-from promptrec.postprocess import PostprocessConfig, postprocess_all, resolve_mean_prompt
-from promptrec.scoring import Scorer
+from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, policy_of
+from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
+from promptrec.run_config import override_field
+from promptrec.scoring import Scorer, ScorerArguments
 from promptrec.selection import mbr_frame, mbr_pick_counts
 from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
 from promptrec.templates import recovery_messages
@@ -34,8 +35,9 @@ TEXT_COLUMNS = ("original_text", "rewritten_text")
 
 
 @dataclass
-class PredictArguments:
-    """Where the test rows come from, which policy predicts them and how it decodes."""
+class PredictArguments(ScorerArguments):
+    """Where the test rows come from, which policy predicts them and how it decodes. The scorer's options
+    (``--scorer`` …) are used by ``--selection mbr`` only (on Kaggle: ``--scorer`` the attached sentence-t5-base)."""
 
     input: str = field(default="test.csv", metadata={
         "help": "Test table with columns id, original_text, rewritten_text (.csv, .jsonl, .parquet or hf:<name>)."})
@@ -43,7 +45,8 @@ class PredictArguments:
         "help": "Submission to write: id,rewrite_prompt (atomically; resolved config in <stem>.config.json)."})
     model: str | None = field(default=None, metadata={
         "help": "Base model: hub id, local dir, merged model dir or 'embedded'. Default: the model_name_or_path "
-                "recorded in the adapter's run_config.json (else adapter_config.json), or 'embedded' without one."})
+                "recorded in the adapter's run_config.json (else adapter_config.json), or 'embedded' without one. "
+                "With an adapter it must be that base or a local copy of it (same config)."})
     adapter: str | None = field(default=None, metadata={
         "help": "PEFT adapter dir, e.g. checkpoints/sft/<run> (its tokenizer and run_config.json are used)."})
     load_in_4bit: bool | None = field(default=None, metadata={
@@ -64,7 +67,8 @@ class PredictArguments:
                 "static (on a GPU transformers then compiles the forward of an unquantised model) or dynamic."})
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "Token budget per text in the recovery prompt. Default: max_text_tokens from run_config.json, "
-                f"else {DEFAULT_MAX_TEXT_TOKENS}."})
+                f"else {DEFAULT_MAX_TEXT_TOKENS}; with an adapter it must agree with the run's."})
+    allow_config_override: bool = override_field()
     nan_texts: Literal["error", "fallback"] = field(default="error", metadata={
         "help": "A row whose original_text or rewritten_text is NaN/empty: 'error' stops with the row named; "
                 "'fallback' predicts the mean prompt for it without calling the model."})
@@ -81,10 +85,6 @@ class PredictArguments:
         "help": "With --selection mbr: sampling temperature of the extra candidates (--top_p applies to them too)."})
     concat_top_k: int = field(default=1, metadata={
         "help": "With --selection mbr: submit the top-k distinct candidates joined by spaces (1: the pick alone)."})
-    scorer: str = field(default="auto", metadata={
-        "help": "With --selection mbr: the embedding model the candidates are compared with: 'auto' "
-                "(sentence-t5-base, the metric's, when loadable, else the embedded all-MiniLM-L6-v2), 'embedded', "
-                "a hub id or a local sentence-transformers directory (on Kaggle: the attached sentence-t5-base)."})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -136,18 +136,15 @@ def usable_text_mask(df: pd.DataFrame) -> pd.Series:
     return original & rewritten
 
 
-def policy_of(args: PredictArguments) -> Policy:
-    """The policy the flags name (the adapter's run_config.json fills what they leave out)."""
-    return resolve_policy(args.model, args.adapter, args.max_text_tokens, args.load_in_4bit)
-
-
 def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
                   batch_size: int | None = None, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
                   progress: bool = True, samples: SamplingParams | None = None, scorer: Scorer | None = None,
                   concat_top_k: int = 1) -> pd.DataFrame:
-    """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction``
-    in the input order. Rows with a missing text get the mean prompt without a model call (``raw_prediction``
-    empty); ``post.mean_prompt`` must already be a prompt, not a path. With ``samples`` (sampling settings of the
+    """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction,
+    fallback`` in the input order. Rows with a missing text get the mean prompt without a model call
+    (``raw_prediction`` empty); ``fallback`` is True where the row had text but the model's answer was unusable
+    (:func:`promptrec.postprocess.unusable_reason`), so the mean prompt stands in for it. ``post.mean_prompt`` must
+    already be a prompt, not a path. With ``samples`` (sampling settings of the
     extra candidates) the prompt is chosen by MBR with ``scorer`` and the frame has the columns of
     :func:`promptrec.selection.mbr_frame`.
     """
@@ -160,8 +157,9 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
     raw = [next(outputs)[0] if good else "" for good in ok]  # the usable rows' answers, back in their places
     sources = list(zip(test["original_text"], test["rewritten_text"]))
     if samples is None:
-        return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": postprocess_all(raw, post, sources),
-                             "raw_prediction": raw})
+        cleaned = [clean_prediction(r, post, texts) for r, texts in zip(raw, sources)]
+        return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [finalize(c, post) for c in cleaned],
+                             "raw_prediction": raw, "fallback": [good and not c for good, c in zip(ok, cleaned)]})
     if scorer is None:
         raise ValueError("predict_frame: MBR selection (samples=...) needs a scorer")
     sampled = iter(generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
@@ -187,7 +185,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
 
     Pass ``model``/``tokenizer`` to reuse loaded ones (benchmarks, tests); then ``args.model``/``adapter`` are only
     recorded, and the text budget comes from ``args.max_text_tokens``. ``scorer`` (MBR only) defaults to
-    ``Scorer(args.scorer)``, resolved before the model loads so a bad scorer name fails at once.
+    ``args.build()``, resolved before the model loads so a bad scorer name fails at once.
     """
     start = time.time()
     post = post or PostprocessConfig()
@@ -197,7 +195,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     if n_bad:
         logger.warning("%s: %d row(s) with a NaN/empty text get the mean prompt", args.input, n_bad)
     if args.selection == "mbr" and scorer is None:
-        scorer = Scorer(args.scorer)  # loads lazily; resolving the name first fails fast on a bad one
+        scorer = args.build()  # loads lazily; resolving the name first fails fast on a bad one
     if model is None:
         policy = policy_of(args)
         model, tokenizer = load_policy(policy, generation_dtype(args.dtype))
@@ -218,12 +216,12 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     if args.raw_output:
         extra = ["raw_samples", "candidates", "mbr_scores", "selected"] if args.selection == "mbr" else []
         write_table(result[["id", "raw_prediction", *extra, "rewrite_prompt"]], args.raw_output)
-    n_fallback = int((submission["rewrite_prompt"] == post.mean_prompt).sum())
+    n_fallback = int(result["fallback"].sum())  # the model's answer unusable: the mean prompt stood in
     write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "selection": selection,
-                "rows": len(test), "rows_without_text": n_bad, "mean_prompt_fallbacks": n_fallback,
+                "rows": len(test), "rows_without_text": n_bad, "fallbacks": n_fallback,
                 "seconds": round(time.time() - start, 2),
                 "environment": describe_environment(generation_dtype=model_dtype(model))},
                output.with_name(f"{output.stem}.config.json"))
-    logger.info("Wrote %d predictions to %s (%d fell back to the mean prompt) in %.1fs", len(submission), output,
-                n_fallback, time.time() - start)
+    logger.info("Wrote %d predictions to %s in %.1fs; %d of %d answers unusable → mean prompt (fallbacks), %d row(s) "
+                "without text", len(submission), output, time.time() - start, n_fallback, len(test) - n_bad, n_bad)
     return submission

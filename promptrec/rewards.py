@@ -8,8 +8,9 @@ value per completion (a prompt's value repeated for each of its generations).
 
 * :func:`scs_reward` — the metric itself: the completion is cleaned as inference cleans it
   (:func:`promptrec.postprocess.clean_prediction`) and scored by SCS against the row's ``rewrite_prompt`` with a
-  :class:`promptrec.scoring.Scorer`. A completion with nothing usable in it (blank, a refusal, an echo of the task,
-  a copy of the input, degenerate repetition) gets :data:`UNUSABLE_REWARD` = -1, the lowest SCS there is, so it
+  :class:`promptrec.scoring.Scorer`. A completion with nothing usable in it (:func:`promptrec.postprocess.
+  unusable_reason`, the rule inference and the candidates step use too: blank, a refusal, an echo of the task, a
+  copy of the input, degenerate repetition) gets :data:`UNUSABLE_REWARD` = -1, the lowest SCS there is, so it
   ranks below every real guess. (Inference would submit the mean prompt in its place; rewarding that instead
   would teach the policy that saying nothing is as good as a poor guess.)
 * :func:`length_penalty` — optional shaping: 0 up to ``max_words`` words, falling linearly to -1 at twice that.

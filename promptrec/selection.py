@@ -130,9 +130,10 @@ def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: Po
               concat_top_k: int = 1) -> pd.DataFrame:
     """The MBR prediction frame of :func:`promptrec.predict.predict_frame` from each row's raw greedy answer and raw
     samples; rows without text (``ok`` False) have no candidates and get the mean prompt. Besides ``id,
-    rewrite_prompt, raw_prediction``: ``raw_samples`` (JSON list of the raw samples), ``candidates`` (JSON list of
-    :func:`mbr_candidates`), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick before the mean
-    prompt is appended)."""
+    rewrite_prompt, raw_prediction``: ``fallback`` (the row had text but every answer and sample was unusable, so
+    the mean prompt is its only candidate), ``raw_samples`` (JSON list of the raw samples), ``candidates`` (JSON list
+    of :func:`mbr_candidates`), ``mbr_scores`` (JSON list, one per candidate) and ``selected`` (the pick before the
+    mean prompt is appended)."""
     candidates = [mbr_candidates(r, e, post, texts) if good else [] for r, e, good, texts
                   in zip(raw, extra, ok, sources, strict=True)]
     live_scores = iter(score_rows([c for c in candidates if c], scorer))
@@ -140,6 +141,7 @@ def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: Po
     last = squash(post.mean_prompt) if post.append_mean_prompt else None
     selected = [combine(c, s, concat_top_k, last=last) if c else "" for c, s in zip(candidates, scores)]
     return pd.DataFrame({"id": ids, "rewrite_prompt": [finalize(text, post) for text in selected],
+                         "fallback": [bool(good) and len(c) == 1 for good, c in zip(ok, candidates)],
                          "raw_prediction": raw, "raw_samples": [json.dumps(e, ensure_ascii=False) for e in extra],
                          "selected": selected, "candidates": [json.dumps(c, ensure_ascii=False) for c in candidates],
                          "mbr_scores": [json.dumps([round(float(x), 4) for x in s]) for s in scores]})

@@ -30,6 +30,25 @@ class DataError(ValueError):
     """Bad input data; the message is one line that names the file, column or row."""
 
 
+class UserPathError(DataError, FileNotFoundError):
+    """A path the user named (a flag, a recipe) is missing or of the wrong kind: ``"<path>: no such file"``.
+
+    Entry scripts print it in one line like any :class:`DataError`; a ``FileNotFoundError`` raised anywhere else is
+    an internal bug and keeps its traceback. It is also a ``FileNotFoundError``, for callers that catch that."""
+
+
+def require_path(path: str | os.PathLike, kind: str = "file", hint: str = "") -> Path:
+    """``path`` as a ``Path`` when it is an existing ``kind`` (``"file"`` or ``"directory"``); otherwise
+    :class:`UserPathError` ``"<path>: no such <kind>"`` (``"<path>: not a <kind>"`` when it is the other kind),
+    followed by ``hint`` when given."""
+    path = Path(path)
+    found = path.is_dir() if kind == "directory" else path.is_file()
+    if not found:
+        problem = f"not a {kind}" if path.exists() else f"no such {kind}"
+        raise UserPathError(f"{path}: {problem}{f' ({hint})' if hint else ''}")
+    return path
+
+
 def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = (),
                rename: dict[str, str] | None = None, text_columns: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """Read a table and check it.
@@ -70,9 +89,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = 
 def _read_any(name: str) -> pd.DataFrame:
     if name.startswith("hf:"):
         return _read_hf(name[3:])
-    path = Path(name)
-    if not path.exists():
-        raise DataError(f"{name}: no such file")
+    path = require_path(name)
     if path.stat().st_size == 0:
         raise DataError(f"{name}: the file is empty")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix

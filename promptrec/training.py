@@ -6,8 +6,11 @@
 * **Data**: :func:`sft_dataset` renders triplets as TRL prompt/completion rows; :func:`read_pairs` checks TRL
   conversational preference rows.
 * **Eval**: :func:`scs_eval` generates a prompt per eval triplet (greedy, sharded over processes) and scores it by SCS.
-* **Saving**: :func:`save_run` writes ``checkpoints/<stage>/<run>/``: adapter, tokenizer, ``run_config.json``
-  (resolved config + ``model_name_or_path`` and ``max_text_tokens`` for inference), ``metrics.json``, ``curves.png``.
+* **The run contract**: the SFT run writes its :class:`~promptrec.run_config.RunConfig` (:func:`sft_run_config`) and
+  its train/eval triplets; DPO and GRPO take the model settings from it (:class:`InheritedModelConfig`,
+  :func:`inherit_from_sft`) and their rows from its folder (:func:`sft_eval_triplets`).
+* **Saving**: :func:`save_run` writes ``checkpoints/<stage>/<run>/``: adapter, tokenizer, ``run_config.json``,
+  ``metrics.json``, ``curves.png``, the model card ``README.md`` and the SFT run's triplets (carried on).
 """
 
 from __future__ import annotations
@@ -22,16 +25,27 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from trl import ModelConfig
 
 from promptrec.cli import asdict_all
 from promptrec.environment import describe_environment
 from promptrec.generation import default_batch_size
-from promptrec.models import load_model, parse_dtype
+from promptrec.model_card import write_model_card
+from promptrec.models import hub_id, load_model, model_shape, parse_dtype
 from promptrec.plots import figure
-from promptrec.policy import RUN_CONFIG, read_run_config
+from promptrec.run_config import (
+    INHERITED,
+    RUN_CONFIG,
+    SPLIT_ROWS,
+    RunConfig,
+    TrainingData,
+    override_field,
+    read_run_config,
+    split_rows,
+)
 from promptrec.scoring import ScorerArguments
-from promptrec.tables import DataError, read_table, write_json, write_table
-from promptrec.templates import recovery_example, recovery_messages
+from promptrec.tables import DataError, read_table, require_path, write_json, write_table
+from promptrec.templates import GEMMA_CHAT_TEMPLATE, INSTRUCT_OUTPUT_TEMPLATE, recovery_example, recovery_messages
 from promptrec.triplets import read_triplets
 
 logger = logging.getLogger(__name__)
@@ -66,37 +80,52 @@ class FromSFTArguments(EvalArguments):
     """What dpo/train.py and dpo/grpo.py share: the SFT run they continue, its text budget, the SCS eval triplets."""
 
     sft_adapter: str = field(default="checkpoints/sft/smollm2", metadata={
-        "help": "Run folder of sft/train.py: its adapter is trained further; its run_config.json gives the base model "
-                "and max_text_tokens when not set here; its split.json gives the train and SCS eval triplets."})
+        "help": f"Run folder of sft/train.py: its adapter is trained further; its {RUN_CONFIG} gives the base model, "
+                f"how it is loaded and max_text_tokens; its {SPLIT_ROWS} the train and SCS eval triplets."})
     eval_triplets: str | None = field(default=None, metadata={
-        "help": "Triplet file for the SCS eval; default: the eval split saved by the SFT run (split.json)."})
+        "help": f"Triplet file for the SCS eval; default: the eval triplets saved by the SFT run ({SPLIT_ROWS})."})
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "Token budget per text in the recovery prompt; default: the SFT run's (pairs must match it)."})
+    allow_config_override: bool = override_field()
 
 
-def split_triplets(run_dir: str | Path, side: str) -> pd.DataFrame | None:
-    """The ``side`` (``train`` or ``eval``) triplets of a run's ``split.json`` (written by the SFT run, carried on by
-    DPO runs), re-read from its source file in the saved order; None when the run has none."""
-    path = Path(run_dir) / "split.json"
-    if not path.is_file():
-        return None
-    split = json.loads(path.read_text(encoding="utf-8"))
-    by_id = read_split_triplets(split["source"], split.get("producers", ())).set_index("id")
-    missing = [i for i in split[f"{side}_ids"] if i not in by_id.index]
-    if missing:
-        raise DataError(f"{split['source']}: {len(missing)} {side} id(s) of {path} are gone (e.g. {missing[0]})")
-    return by_id.loc[split[f"{side}_ids"]].reset_index()
+@dataclass
+class InheritedModelConfig(ModelConfig):
+    """TRL's ``ModelConfig`` for DPO and GRPO: the base model and how it is loaded (:data:`INHERITED`) default to
+    None, which means the SFT run's (:func:`inherit_from_sft`); a value given must agree with the SFT run's."""
+
+    model_revision: str | None = field(default=None, metadata={"help": "Base model revision; default: the SFT run's."})
+    dtype: str | None = field(default=None, metadata={"help": "Weights dtype; default: the SFT run's.",
+                                                      "choices": ["auto", "bfloat16", "float16", "float32"]})
+    load_in_8bit: bool | None = field(default=None, metadata={"help": "8-bit base; default: as the SFT run."})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "4-bit base; default: as the SFT run."})
+    bnb_4bit_quant_type: str | None = field(default=None, metadata={"help": "4-bit type; default: the SFT run's.",
+                                                                    "choices": ["fp4", "nf4"]})
+    use_bnb_nested_quant: bool | None = field(default=None, metadata={
+        "help": "Double quantisation; default: as the SFT run."})
+
+
+def inherit_from_sft(script_args: FromSFTArguments, model_args: ModelConfig) -> RunConfig:
+    """The SFT run's :class:`RunConfig` (``script_args.sft_adapter``), with the unset (None) :data:`INHERITED` fields
+    of ``model_args`` and ``script_args.max_text_tokens`` filled from it. A value given that contradicts the SFT
+    run's raises :class:`DataError` naming both, unless ``script_args.allow_config_override``."""
+    sft = read_run_config(script_args.sft_adapter)
+    where, allow = str(Path(script_args.sft_adapter) / RUN_CONFIG), script_args.allow_config_override
+    for name in INHERITED:
+        setattr(model_args, name, sft.agree(name, getattr(model_args, name), allow, where))
+    script_args.max_text_tokens = sft.agree("max_text_tokens", script_args.max_text_tokens, allow, where)
+    return sft
 
 
 def sft_eval_triplets(script_args: FromSFTArguments) -> pd.DataFrame | None:
-    """The SCS eval triplets: ``--eval_triplets``, else the SFT run's eval split, capped at ``eval_scs_samples``;
-    None when the eval is off or there is no split."""
+    """The SCS eval triplets: ``--eval_triplets``, else the eval triplets saved in the SFT run's folder, capped at
+    ``eval_scs_samples``; None when the eval is off or the run saved none."""
     if script_args.eval_scs_samples == 0:
         return None
     df = (read_split_triplets(script_args.eval_triplets) if script_args.eval_triplets
-          else split_triplets(script_args.sft_adapter, "eval"))
+          else split_rows(script_args.sft_adapter, "eval"))
     if df is None:
-        logger.warning("No split.json in %s and no --eval_triplets: SCS eval skipped", script_args.sft_adapter)
+        logger.warning("No %s in %s and no --eval_triplets: SCS eval skipped", SPLIT_ROWS, script_args.sft_adapter)
     return None if df is None else df.head(script_args.eval_scs_samples)
 
 
@@ -153,21 +182,8 @@ def load_base(model_args, adapter: str | None = None, is_trainable: bool = False
     return load_model(model_args.model_name_or_path, adapter=adapter, dtype=dtype_name(model_args),
                       load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
                       quant_type=model_args.bnb_4bit_quant_type, double_quant=model_args.use_bnb_nested_quant,
-                      quant_storage=model_args.bnb_4bit_quant_storage, is_trainable=is_trainable)
-
-
-def inherit_from_sft(script_args, model_args) -> dict:
-    """Fill the base model and ``max_text_tokens`` from the SFT run's config; returns that config. ``script_args``
-    has ``sft_adapter`` (the SFT run folder) and ``max_text_tokens``; ``model_args`` is TRL's ``ModelConfig``."""
-    sft_config = read_run_config(script_args.sft_adapter)
-    if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = sft_config["model_name_or_path"]
-    elif model_args.model_name_or_path != sft_config["model_name_or_path"]:
-        logger.warning("Base %s differs from the SFT run's %s: fine for a local copy of the same model, wrong "
-                       "otherwise", model_args.model_name_or_path, sft_config["model_name_or_path"])
-    if script_args.max_text_tokens is None:
-        script_args.max_text_tokens = sft_config.get("max_text_tokens")
-    return sft_config
+                      quant_storage=model_args.bnb_4bit_quant_storage, is_trainable=is_trainable,
+                      revision=model_args.model_revision, attn_implementation=model_args.attn_implementation)
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -250,13 +266,6 @@ def rows_consumed(training_args) -> int | None:
             * training_args.gradient_accumulation_steps * training_args.world_size)
 
 
-def write_split(path: Path, source: str, producers, split_by: str, eval_fraction: float, seed: int,
-                train: pd.DataFrame, evaluation: pd.DataFrame) -> None:
-    """``split.json``: where the triplets came from and which ids went where (DPO evaluates on the same ids)."""
-    write_json({"source": source, "producers": list(producers), "split_by": split_by, "eval_fraction": eval_fraction,
-                "seed": seed, "train_ids": train["id"].tolist(), "eval_ids": evaluation["id"].tolist()}, path)
-
-
 # ------------------------------------------------------------------------------------------------------- eval
 def predict_prompts(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, accelerator=None) -> list[str]:
     """Greedy recovered prompt of each triplet; rows are sharded over processes and gathered on every rank."""
@@ -319,18 +328,46 @@ def resolve_resume(training_args) -> str | None:
         last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
         logger.info("Resuming from %s", last or "scratch (no checkpoint yet)")
         return last
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a directory")
+    require_path(value, "directory", hint="--resume_from_checkpoint")
     return value
 
 
-def run_config(stage: str, script_args, training_args, model_args, **extra) -> dict:
-    """The resolved config of a run; top-level keys are what inference needs to rebuild the model and prompts."""
-    return {"stage": stage, "model_name_or_path": model_args.model_name_or_path,
-            "max_text_tokens": script_args.max_text_tokens, "load_in_4bit": model_args.load_in_4bit,
-            "dtype": dtype_name(model_args), "world_size": training_args.world_size, **extra,
-            **asdict_all(script_args, training_args, model_args),
+def chat_template_name(tokenizer) -> str:
+    """Which chat template a tokenizer renders with: its own, or one promptrec gave it (ensure_chat_template)."""
+    given = {GEMMA_CHAT_TEMPLATE: "promptrec's Gemma", INSTRUCT_OUTPUT_TEMPLATE: "promptrec's Instruct/Output"}
+    return given.get(getattr(tokenizer, "chat_template", None), "the tokenizer's own")
+
+
+def run_sections(script_args, training_args, model_args, **extra) -> dict:
+    """The non-schema sections of a ``run_config.json``: world size, the resolved dataclasses, the environment."""
+    return {"world_size": training_args.world_size, **extra, **asdict_all(script_args, training_args, model_args),
             "environment": describe_environment(training_dtype=training_dtype(training_args, model_args))}
+
+
+def _model_fields(model_args) -> dict:
+    return {**{name: getattr(model_args, name) for name in INHERITED}, "dtype": dtype_name(model_args)}
+
+
+def sft_run_config(script_args, training_args, model_args, model, tokenizer, lora_targets,
+                   data: TrainingData) -> RunConfig:
+    """The :class:`RunConfig` an SFT run writes: the base (``model`` as loaded, before the adapter) and how it was
+    loaded, the prompt format of ``tokenizer`` and ``script_args.max_text_tokens``, the LoRA targets, the data."""
+    return RunConfig(stage="sft", **_model_fields(model_args), base_model_id=hub_id(model_args.model_name_or_path),
+                     base_shape=model_shape(model.config), tokenizer=model_args.model_name_or_path,
+                     chat_template=chat_template_name(tokenizer), max_text_tokens=script_args.max_text_tokens,
+                     lora_target_modules=sorted(lora_targets), lora_r=model_args.lora_r,
+                     lora_alpha=model_args.lora_alpha, data=data,
+                     sections=run_sections(script_args, training_args, model_args))
+
+
+def continued_run_config(stage: str, sft: RunConfig, script_args, training_args, model_args,
+                         trained_on: str | None) -> RunConfig:
+    """The :class:`RunConfig` of a run that continued the SFT run ``sft`` (DPO, GRPO): the SFT run's, with this run's
+    model settings (the SFT run's unless overridden), its stage and what it trained on besides the SFT data."""
+    sections = run_sections(script_args, training_args, model_args, sft_run=sft.to_dict())
+    return dataclasses.replace(sft, stage=stage, **_model_fields(model_args), trained_on=trained_on,
+                               max_text_tokens=script_args.max_text_tokens, sections=sections,
+                               base_model_id=hub_id(model_args.model_name_or_path) or sft.base_model_id)
 
 
 def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...]]) -> Path | None:
@@ -350,10 +387,12 @@ def plot_curves(log_history: list[dict], path: Path, panels: list[tuple[str, ...
     return path
 
 
-def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]], from_run: str | None = None) -> Path:
+def save_run(trainer, config: RunConfig, metrics: dict, panels: list[tuple[str, ...]],
+             from_run: str | None = None) -> Path:
     """Write the run folder (``training_args.output_dir``): adapter, tokenizer, ``run_config.json``, ``metrics.json``,
-    ``curves.png`` and, with ``from_run`` (the run this one continued), its ``split.json``, so a run continuing this
-    one (an iterative DPO round) evaluates on the same rows. Call on every rank (collective under DeepSpeed)."""
+    ``curves.png``, the model card ``README.md`` (replacing TRL's) and, with ``from_run`` (the run this one
+    continued), its saved triplets, so a run continuing this one (an iterative DPO round) finds the same rows. Call
+    on every rank (collective under DeepSpeed)."""
     out = Path(trainer.args.output_dir)
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
@@ -361,10 +400,11 @@ def save_run(trainer, config: dict, metrics: dict, panels: list[tuple[str, ...]]
         # adapter, so drop that copy: the run's adapter is the trained "default" one at the folder's root.
         shutil.rmtree(out / "ref", ignore_errors=True)
         trainer.processing_class.save_pretrained(out)
-        write_json(config, out / RUN_CONFIG)
+        config.save(out)
         write_json(metrics, out / "metrics.json")
         plot_curves(trainer.state.log_history, out / "curves.png", panels)
-        if from_run and (Path(from_run) / "split.json").is_file():
-            shutil.copyfile(Path(from_run) / "split.json", out / "split.json")
+        if from_run and (Path(from_run) / SPLIT_ROWS).is_file():
+            shutil.copyfile(Path(from_run) / SPLIT_ROWS, out / SPLIT_ROWS)
+        write_model_card(out, config, metrics)
     trainer.accelerator.wait_for_everyone()
     return out

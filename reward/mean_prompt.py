@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from promptrec import corpus
 from promptrec.cli import asdict_all, parse_args, run_main, setup_logging
 from promptrec.mean_prompt import beam_search, build_vocabulary, mean_scs
 from promptrec.scoring import ScorerArguments
-from promptrec.tables import DataError, read_table, write_json
+from promptrec.tables import DataError, require_path, write_json
 
 logger = logging.getLogger("mean_prompt")
 
@@ -61,13 +60,11 @@ class MeanPromptArguments:
 
 
 def load_split(args: MeanPromptArguments) -> tuple[list[str], list[str]]:
-    """Distinct prompts from every source → seeded sample of ``max_prompts`` → (train, validation)."""
-    columns = [corpus.prompt_bank()["rewrite_prompt"] if src == "bank" else
-               read_table(src, required=[args.prompt_column], text_columns=[args.prompt_column])[args.prompt_column]
-               for src in args.prompts]
-    prompts = sorted({" ".join(p.split()) for col in columns for p in col})
-    rng = np.random.default_rng(args.seed)
-    prompts = [prompts[i] for i in rng.permutation(len(prompts))][: args.max_prompts]
+    """Distinct prompts (:func:`promptrec.corpus.load_prompt_sources`) → seeded sample of ``max_prompts`` → shuffled
+    → (train, validation)."""
+    prompts = corpus.load_prompt_sources(args.prompts, args.prompt_column, limit=args.max_prompts,
+                                         seed=args.seed)["rewrite_prompt"].tolist()
+    prompts = [prompts[i] for i in np.random.default_rng(args.seed).permutation(len(prompts))]
     n_val = round(len(prompts) * args.val_fraction)
     if n_val < 1 or len(prompts) - n_val < 1:
         raise DataError(f"{', '.join(args.prompts)}: {len(prompts)} distinct prompt(s) can't make both a train and a "
@@ -76,7 +73,7 @@ def load_split(args: MeanPromptArguments) -> tuple[list[str], list[str]]:
 
 
 def read_vocabulary(path: str) -> list[str]:
-    words = list(dict.fromkeys(Path(path).read_text(encoding="utf-8").split()))
+    words = list(dict.fromkeys(require_path(path, hint="--vocabulary_file").read_text(encoding="utf-8").split()))
     if not words:
         raise DataError(f"{path}: no words")
     return words

@@ -9,8 +9,9 @@ or by prompt) is saved; at the end the adapter is scored by generation-based SCS
         --producers gemma-7b-it "mostly gemma-7b-it" "mixed: gemma-7b-it" --max_samples 400 --max_steps 30
     accelerate launch --config_file dpo/accelerate/single_gpu.yaml sft/train.py --config sft/configs/phi2_qlora.yaml
 
-Outputs in ``output_dir`` (``checkpoints/sft/<run>/``): adapter, tokenizer, run_config.json, metrics.json,
-curves.png, split.json, eval_predictions.jsonl. ``--resume_from_checkpoint last`` continues a killed run.
+Outputs in ``output_dir`` (``checkpoints/sft/<run>/``): adapter, tokenizer, run_config.json (the RunConfig every
+later stage reads), README.md (model card), metrics.json, curves.png, split.parquet (the train and eval triplets),
+eval_predictions.jsonl. ``--resume_from_checkpoint last`` continues a killed run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.models import load_tokenizer
+from promptrec.run_config import TrainingData, data_licence, save_split
 from promptrec.splits import split_frame
 from promptrec.training import (
     EvalArguments,
@@ -30,11 +32,10 @@ from promptrec.training import (
     lora_config,
     read_split_triplets,
     resolve_resume,
-    run_config,
     save_run,
     scs_eval,
     sft_dataset,
-    write_split,
+    sft_run_config,
 )
 
 logger = logging.getLogger("sft")
@@ -59,6 +60,9 @@ class SFTScriptArguments(EvalArguments):
         "help": "Cap on the eval rows used for the eval loss during training (the SCS eval has its own cap)."})
     eval_scs_baseline: bool = field(default=False, metadata={
         "help": "Also score the base model zero-shot (adapter disabled) on the same eval rows."})
+    data_licence: str | None = field(default=None, metadata={
+        "help": "The triplets' licence, for the model card; default: the project's own for bundled data and the "
+                "rewrite step's output, else 'see its source'."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,14 +77,16 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     output_dir = Path(training_args.output_dir)
 
     # ------------------------------------------------------------------------------- tokenizer & dataset
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     triplets = read_split_triplets(script_args.triplets, script_args.producers, script_args.max_samples,
                                    training_args.seed)
     train_df, eval_df = split_frame(triplets, script_args.eval_fraction, script_args.split_by, training_args.seed)
     logger.info("Split by %s: %d train, %d eval triplets", script_args.split_by, len(train_df), len(eval_df))
-    if training_args.process_index == 0:
-        write_split(output_dir / "split.json", script_args.triplets, script_args.producers, script_args.split_by,
-                    script_args.eval_fraction, training_args.seed, train_df, eval_df)
+    if training_args.process_index == 0:  # the rows DPO and GRPO read back (the source file may move)
+        save_split(output_dir, train_df, eval_df)
+    data = TrainingData(script_args.triplets, script_args.producers, script_args.split_by, script_args.eval_fraction,
+                        training_args.seed, len(train_df), len(eval_df),
+                        licence=script_args.data_licence or data_licence(script_args.triplets))
     train_ds = sft_dataset(train_df, tokenizer, script_args.max_text_tokens)
     loss_eval_df = eval_df.head(script_args.max_eval_samples or len(eval_df))
     eval_ds = sft_dataset(loss_eval_df, tokenizer, script_args.max_text_tokens) if len(loss_eval_df) else None
@@ -111,8 +117,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     model = trainer.accelerator.unwrap_model(trainer.model)
     metrics["scs"] = scs_eval(model, tokenizer, scs_df, script_args, adapters, trainer.accelerator,
                               output_dir / "eval_predictions.jsonl")
-    config = run_config("sft", script_args, training_args, model_args,
-                        lora_target_modules=sorted(peft_config.target_modules))
+    config = sft_run_config(script_args, training_args, model_args, model, tokenizer, peft_config.target_modules,
+                            data)
     save_run(trainer, config, metrics, panels=[("loss", "eval_loss"), ("mean_token_accuracy",
                                                                       "eval_mean_token_accuracy")])
     logger.info("Saved %s; metrics: %s", output_dir, {k: metrics[k] for k in ("eval", "scs") if k in metrics})

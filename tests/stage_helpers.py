@@ -129,17 +129,17 @@ def tiny_target_checkpoint(arch: str, path: Path) -> Path:
 def make_sft_run(root: Path, max_text_tokens: int, lora_init_std: float = 0.0) -> Path:
     """``root/run``: a folder laid out like an sft/train.py run on tests/conftest.TINY_TRIPLETS (written to
     ``root/triplets.jsonl``): a LoRA adapter of the smollm2 recipe's shape (``lora_B`` drawn with
-    ``lora_init_std`` > 0 so it differs from the base), tokenizer, run_config.json and split.json."""
+    ``lora_init_std`` > 0 so it differs from the base), tokenizer, run_config.json and split.parquet."""
     import pandas as pd
     from conftest import TINY_TRIPLETS
     from peft import get_peft_model
     from trl import ModelConfig, SFTConfig
 
     from promptrec.cli import parse_args
-    from promptrec.models import load_model, load_tokenizer
+    from promptrec.models import load_model, load_tokenizer, model_shape
+    from promptrec.run_config import RunConfig, TrainingData, save_split
     from promptrec.splits import split_frame
-    from promptrec.tables import write_json
-    from promptrec.training import lora_config, write_split
+    from promptrec.training import lora_config
 
     triplets = pd.DataFrame([{"id": f"t{i}", "original_text": o, "rewrite_prompt": p, "rewritten_text": r}
                              for i, (o, p, r) in enumerate(TINY_TRIPLETS)])
@@ -157,8 +157,66 @@ def make_sft_run(root: Path, max_text_tokens: int, lora_init_std: float = 0.0) -
                     param.normal_(0, lora_init_std)
     model.save_pretrained(run)
     load_tokenizer("embedded").save_pretrained(run)
-    write_json({"stage": "sft", "model_name_or_path": "embedded", "max_text_tokens": max_text_tokens},
-               run / "run_config.json")
     train, evaluation = split_frame(triplets, 0.25, "id", seed=0)
-    write_split(run / "split.json", str(root / "triplets.jsonl"), [], "id", 0.25, 0, train, evaluation)
+    save_split(run, train, evaluation)
+    data = TrainingData(str(root / "triplets.jsonl"), [], "id", 0.25, 0, len(train), len(evaluation))
+    RunConfig("sft", "embedded", base_shape=model_shape(base.config), dtype="float32", tokenizer="embedded",
+              max_text_tokens=max_text_tokens, lora_target_modules=model_args.lora_target_modules, data=data).save(run)
     return run
+
+
+def recipe_mismatches(recipe: Path, *parsed) -> dict:
+    """``{key: (yaml value, parsed value)}`` for every key of ``recipe`` whose value did not arrive as written in the
+    parsed dataclasses (the one that declares the key). Enums compare by value, a YAML-1.1 string such as ``2e-4`` as
+    the number it spells, a scalar with a one-item list, and ``report_to: none`` with ``[]`` (transformers' spelling
+    of "no integrations")."""
+    import dataclasses
+    import enum
+
+    import yaml
+
+    def plain(value):
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    def same(given, got) -> bool:
+        got = plain(got)
+        if given == "none" and got == []:
+            return True
+        if isinstance(given, list) and isinstance(got, list):
+            return len(given) == len(got) and all(same(a, b) for a, b in zip(given, got))
+        if isinstance(got, list) and not isinstance(given, list):
+            return got == [given]
+        if isinstance(given, str) and isinstance(got, (int, float)) and not isinstance(got, bool):
+            try:
+                return float(given) == float(got)
+            except ValueError:
+                return False
+        return given == got or (isinstance(given, (int, float)) and isinstance(got, (int, float))
+                                and float(given) == float(got))
+
+    wrong = {}
+    for key, given in yaml.safe_load(recipe.read_text()).items():
+        owners = [obj for obj in parsed if key in {f.name for f in dataclasses.fields(obj)}]
+        assert owners, f"{recipe.name}: no parsed dataclass declares '{key}'"
+        got = getattr(owners[0], key)
+        if not same(given, got):
+            wrong[key] = (given, plain(got))
+    return wrong
+
+
+def recounted_fallbacks(test_path: Path, raw_path: Path) -> int:
+    """The rows of a prediction whose raw answer the unusable-answer rule rejects (the mean prompt stood in for
+    them), recomputed from the test table and predict's ``--raw_output``: what its ``fallbacks`` must say."""
+    import pandas as pd
+
+    from promptrec.postprocess import clean_prediction
+
+    test = pd.read_csv(test_path, keep_default_na=False)
+    raw = pd.read_csv(raw_path, keep_default_na=False)
+    assert list(raw["id"].astype(str)) == list(test["id"].astype(str))
+    return sum(not clean_prediction(answer, sources=(o, r)) for answer, o, r
+               in zip(raw["raw_prediction"], test["original_text"], test["rewritten_text"]))

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import SHARED_DATA, TINY_TRIPLETS
+from stage_helpers import recipe_mismatches
 
 from promptrec.cli import parse_args
 from promptrec.splits import normalize_prompt
@@ -195,17 +197,26 @@ def cheap_args(triplets: Path, out: Path, cache: str, **over):
     return candidates_py.CandidateArguments(**{**base, **over})
 
 
-def test_candidates_resume_after_a_kill_and_shards_agree(tmp_path, tiny_triplets, monkeypatch, embedding_cache):
+# Policy samples too (the embedded model, 2 samples of 6 tokens, batches of 4): each row's samples must not depend on
+# which rows share its batch, or a resumed or sharded run would sample other candidates than one straight run.
+POLICY = {"sources": ["policy", "true"], "policy": "embedded", "num_samples": 2, "max_new_tokens": 6,
+          "max_text_tokens": 16, "batch_size": 4}
+
+
+@pytest.mark.parametrize("over", [{}, POLICY], ids=["bank", "policy"])
+def test_candidates_resume_after_a_kill_and_shards_agree(tmp_path, tiny_triplets, monkeypatch, embedding_cache,
+                                                         over):
     triplets = write_triplets(tiny_triplets, tmp_path / "t.jsonl")
-    full = candidates_py.main(cheap_args(triplets, tmp_path / "one", embedding_cache))
+    full = candidates_py.main(cheap_args(triplets, tmp_path / "one", embedding_cache, **over))
+    assert not over or (full["source"] == "policy").sum() > 0
     part = tmp_path / "one" / "candidates.parts" / "part-000.jsonl"
     lines = part.read_text().splitlines(keepends=True)
     part.write_text("".join(lines[:3]) + lines[3][:20])  # killed mid-line after 3 examples
-    resumed = candidates_py.main(cheap_args(triplets, tmp_path / "one", embedding_cache))
+    resumed = candidates_py.main(cheap_args(triplets, tmp_path / "one", embedding_cache, **over))
     pd.testing.assert_frame_equal(resumed, full)
     assert part.read_text().splitlines(keepends=True)[:3] == lines[:3]
     # two processes: each writes its own disjoint share; the merge equals the one-process result
-    args = cheap_args(triplets, tmp_path / "two", embedding_cache)
+    args = cheap_args(triplets, tmp_path / "two", embedding_cache, **over)
     frame, _ = read_triplets(str(triplets))
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
@@ -217,6 +228,17 @@ def test_candidates_resume_after_a_kill_and_shards_agree(tmp_path, tiny_triplets
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     pd.testing.assert_frame_equal(candidates_py.main(args), full)
+
+
+def test_policy_samples_follow_the_inference_rule_for_unusable_answers():
+    """A sample that copies the row's input is no candidate (inference and the GRPO reward reject it too)."""
+    original, prompt, rewritten = TINY_TRIPLETS[2]
+    row = {"id": "x", "original_text": original, "rewrite_prompt": prompt, "rewritten_text": rewritten}
+    samples = ["Make it a poem.", "the river flooded the valley after three days", "The valley drowned where the "
+               "wheat once grows.", "I'm sorry, I can't.", ""]
+    record = candidates_py.example_record(row, True, None, samples, {"bank_hard": [], "bank_random": []})
+    assert record["candidates"] == [prompt, "Make it a poem."] and record["sources"] == ["true", "policy"]
+    assert record["unusable_samples"] == 4
 
 
 def test_bad_input_names_the_file_and_column(tmp_path, embedding_cache):
@@ -245,7 +267,9 @@ def test_producer_prefix_filter_on_the_real_triplets(shared_triplets):
 @pytest.mark.parametrize("recipe", sorted((REPO / "data_generation" / "configs").glob("[cp]*_*.yaml")),
                          ids=lambda p: p.name)
 def test_recipes_parse(recipe):
+    """Every value of a recipe arrives as written (a stale or mis-typed one fails), and the scorer is named."""
     module = candidates_py if recipe.name.startswith("candidates") else build_pairs_py
     cls = module.CandidateArguments if module is candidates_py else module.PairArguments
     (args,) = parse_args(cls, args=["--config", str(recipe)])
-    assert isinstance(args, cls)
+    assert recipe_mismatches(recipe, args) == {}
+    assert "scorer" in yaml.safe_load(recipe.read_text())

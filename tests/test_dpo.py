@@ -59,16 +59,18 @@ def dpo_args(sft_run: Path, out: Path, *extra) -> list[str]:
 
 @pytest.mark.slow
 def test_dpo_raises_margins_keeps_base_and_scores_beside_sft(sft_run, tmp_path):
-    from trl import DPOConfig, ModelConfig
+    from trl import DPOConfig
 
     from promptrec.models import load_model
+    from promptrec.run_config import split_rows
 
     script = load_script("dpo/train.py")
     out = tmp_path / "dpo"
     argv = dpo_args(sft_run, out, "--max_steps", "3", "--eval_pairs", str(sft_run.parent / "pairs.jsonl"),
                     "--max_eval_pairs", "4", "--eval_on_start", "true", "--eval_strategy", "steps",
                     "--eval_steps", "100", "--eval_scs_samples", "2")
-    trainer = script.main(*parse_args(script.DPOScriptArguments, DPOConfig, ModelConfig, args=argv))
+    parsed = parse_args(script.DPOScriptArguments, DPOConfig, script.InheritedModelConfig, args=argv)
+    trainer = script.main(*parsed)
 
     # On the pairs it trained on: margins start at 0 (policy = reference = SFT adapter) and rise, and the
     # chosen prompt gains log-probability over the rejected one.
@@ -89,14 +91,16 @@ def test_dpo_raises_margins_keeps_base_and_scores_beside_sft(sft_run, tmp_path):
     scs = json.loads((out / "metrics.json").read_text())["scs"]
     assert scs["n"] == 2 and set(scs) >= {"dpo", "sft"} and all(-1 <= scs[k] <= 1 for k in ("dpo", "sft"))
     predictions = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
-    assert [p["id"] for p in predictions] == json.loads((sft_run / "split.json").read_text())["eval_ids"][:2]
+    assert [p["id"] for p in predictions] == split_rows(sft_run, "eval")["id"].tolist()[:2]
+    assert split_rows(out, "eval").equals(split_rows(sft_run, "eval"))  # carried on for a next round
+    assert (out / "README.md").read_text().count("DPO") >= 2  # our model card, not TRL's
 
 
 @pytest.mark.slow
 def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypatch):
     """kill -9 after the step-2 checkpoint, then ``--resume_from_checkpoint last``: the resumed run logs the same
     losses and saves the same adapter as one never killed (the reference log-probs are precomputed again)."""
-    from trl import DPOConfig, DPOTrainer, ModelConfig
+    from trl import DPOConfig, DPOTrainer
 
     script = load_script("dpo/train.py")
 
@@ -105,7 +109,8 @@ def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypat
                         "none", "--eval_scs_samples", "0", "--save_strategy", "steps", "--save_steps", "2", *extra)
 
     def run(out, *extra):
-        return script.main(*parse_args(script.DPOScriptArguments, DPOConfig, ModelConfig, args=argv(out, *extra)))
+        return script.main(*parse_args(script.DPOScriptArguments, DPOConfig, script.InheritedModelConfig,
+                                       args=argv(out, *extra)))
 
     straight = run(tmp_path / "straight")
     killed = run_killed_at_step("dpo/train.py", "DPOTrainer", argv(tmp_path / "killed"), step=3)

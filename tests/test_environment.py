@@ -23,7 +23,7 @@ from promptrec.environment import (
     library_versions,
     model_dtype,
 )
-from promptrec.training import run_config, training_dtype
+from promptrec.training import run_sections, training_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 
@@ -92,8 +92,8 @@ def test_run_config_records_the_environment(tmp_path):
     class Script:
         max_text_tokens: int = 64
 
-    config = run_config("sft", Script(), SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True),
-                        ModelConfig(model_name_or_path="embedded", dtype="float32"))
+    config = run_sections(Script(), SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True),
+                          ModelConfig(model_name_or_path="embedded", dtype="float32"))
     assert config["environment"]["training_dtype"] == "bfloat16 autocast over float32 weights"
     assert config["environment"]["versions"]["trl"] == version("trl")
 

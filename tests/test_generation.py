@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptrec.generation import SamplingParams, generate
+from promptrec.generation import RowSampler, SamplingParams, generate
 from promptrec.models import generation_dtype, load_model, parse_dtype
 from promptrec.templates import recovery_messages
 
@@ -58,3 +58,28 @@ def test_bf16_and_fp32_generate_valid_answers_for_the_same_rows(tiny_triplets, e
         assert len(outputs) == len(convs) and all(len(o) == 1 and o[0].strip() for o in outputs)
     assert fp32_static == fp32_dynamic
     assert len(sampled) == len(convs) and all(len(o) == 3 for o in sampled)
+
+
+def test_row_sampler_draws_from_the_softmax_with_one_stream_per_row():
+    """Gumbel-max over fixed scores: frequencies match softmax(scores); the same seed draws the same token."""
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    scores = probs.log().expand(4000, 4)
+    picks = RowSampler(range(4000))(None, scores.clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4) / len(picks)
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+    again = RowSampler([7, 7, 8])(None, scores[:3].clone()).argmax(-1)
+    assert again[0] == again[1] == RowSampler([7])(None, scores[:1].clone()).argmax(-1)[0]
+
+
+def test_sampled_rows_do_not_depend_on_their_batch(tiny_triplets, embedded_model, embedded_tokenizer):
+    """A row samples the same texts alone, in a batch, or with other rows first (resumed and sharded runs rely on
+    it), and another seed samples others."""
+    convs = [recovery_messages(r.original_text, r.rewritten_text, embedded_tokenizer, 16)
+             for r in tiny_triplets.head(3).itertuples()]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.95, num_return_sequences=2, seed=3)
+    batched = generate(embedded_model, embedded_tokenizer, convs, params, batch_size=3, progress=False)
+    alone = [generate(embedded_model, embedded_tokenizer, [c], params, batch_size=1, progress=False)[0]
+             for c in convs]
+    assert batched == alone and all(len(o) == 2 for o in batched)
+    params.seed = 4
+    assert generate(embedded_model, embedded_tokenizer, convs, params, batch_size=3, progress=False) != batched

@@ -39,7 +39,7 @@ def assert_round_two_is_on_policy(run_dir: Path) -> None:
     assert len(pairs) and set(pairs.source_rejected) == {"policy"}
     config = json.loads((round2 / "dpo" / "run_config.json").read_text())
     assert config["DPOScriptArguments"]["sft_adapter"] == str(run_dir / "dpo")  # from round 1's adapter
-    assert (round2 / "dpo" / "split.json").exists()  # the eval split travels along the chain
+    assert (round2 / "dpo" / "split.parquet").exists()  # the SFT run's rows travel along the chain
 
 
 @pytest.mark.slow
@@ -65,9 +65,11 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
     trained = set(pd.read_parquet(run_dir / "split" / "train.parquet").rewrite_prompt)
     assert heldout and not heldout & trained
+    recorded = {r["id"]: r["fallbacks"] for r in report["rows"]}  # answers the mean prompt stood in for
+    assert recorded["constant"] is None and "| mean-prompt fallbacks |" in md
     for name in ("base", "sft", "dpo", "iterate", "grpo", "mbr"):
-        sub = pd.read_csv(run_dir / "predict" / f"{name}.csv")
-        assert sub.rewrite_prompt.fillna("").str.strip().str.len().min() > 0
+        config = json.loads((run_dir / "predict" / f"{name}.config.json").read_text())
+        assert recorded[name] == config["fallbacks"] and 0 <= config["fallbacks"] <= config["rows"] == 6
 
     def again(*argv, extra=(GRPO_EXTRA,)):
         proc = subprocess.run([*PIPELINE[:-1], *extra, "--run_dir", str(run_dir), *argv], cwd=REPO,

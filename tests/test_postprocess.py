@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess, postprocess_all
+from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess, postprocess_all, unusable_reason
 
 MEAN = "Improve the text to this."
 
@@ -104,3 +104,29 @@ def test_a_copy_of_the_input_is_not_a_prompt():
         "The gatherin' be moved to Tuesday.")
     assert postprocess_all(["The meeting moved to Tuesday", "Make it formal."], sources=[texts, texts]) == [
         MEAN, "Make it formal."]
+
+
+TEXTS = ("The river flooded the valley after three days of rain.", "Three days of rain, the river rose high.")
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("Rewrite this as a short poem.", None),
+    ("Rewrite the valley text as a poem.", None),  # shares words with the input, but is no copy of it
+    ("", "too few letters"),
+    ("1.", "too few letters"),
+    ("I'm sorry, I cannot help with that.", "refusal"),
+    ("Original text: the river flooded.", "echo"),
+    ("An LLM was given an instruction and an original text, and it rewrote the text.", "echo"),
+    ("poem poem poem poem poem poem poem poem poem", "repetition"),
+    ("the river flooded the valley", "copy of the input"),  # of the original text
+    ("Three days of rain, the river rose high.", "copy of the input"),  # of the rewritten text, verbatim
+])
+def test_unusable_reason_on_hand_made_answers(answer, reason):
+    assert unusable_reason(answer, TEXTS) == reason
+    assert (clean_prediction(answer, sources=TEXTS) == "") == (reason is not None)  # the rule clean_prediction uses
+
+
+def test_unusable_reason_switches():
+    assert unusable_reason("the river flooded the valley") is None  # no texts given: nothing to copy
+    assert unusable_reason("the river flooded the valley", TEXTS, PostprocessConfig(drop_copies=False)) is None
+    assert unusable_reason("Do it.", TEXTS, PostprocessConfig(min_letters=5)) == "too few letters"

@@ -6,6 +6,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from promptrec.models import ModelNotFoundError, load_model
-from promptrec.policy import load_policy, resolve_base_model, resolve_policy
+from promptrec.policy import load_policy, policy_of, resolve_policy
 from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
-from promptrec.predict import PredictArguments, policy_of, predict_file, read_test_table
+from promptrec.predict import PredictArguments, predict_file, read_test_table
 from promptrec.tables import DataError, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +54,17 @@ def adapter_dir(tmp_path_factory, embedded_model_dir, embedded_tokenizer):
 
 
 def check_submission(path, ids):
+    """Every id once, in order; ``<stem>.config.json`` counts the rows the mean prompt stood in for (``fallbacks``:
+    the model's answer was unusable; ``rows_without_text``): each holds the mean prompt, and under greedy selection
+    no other row does (MBR may also pick the mean prompt among real answers)."""
     sub = pd.read_csv(path, keep_default_na=False)
     assert list(sub.columns) == ["id", "rewrite_prompt"]
     assert list(sub["id"].astype(str)) == list(ids)
-    assert all(p.strip() for p in sub["rewrite_prompt"])
+    config = json.loads(Path(path).with_name(f"{Path(path).stem}.config.json").read_text())
+    stood_in = config["fallbacks"] + config["rows_without_text"]
+    assert config["rows"] == len(ids) and 0 <= config["fallbacks"] <= config["rows"] - config["rows_without_text"]
+    as_mean = int((sub["rewrite_prompt"] == config["postprocess"]["mean_prompt"]).sum())
+    assert as_mean == stood_in if config["selection"]["selection"] == "greedy" else as_mean >= stood_in
     return sub
 
 
@@ -113,15 +121,22 @@ def test_mean_prompt_from_string_or_json(tmp_path):
 
 
 def test_base_model_resolution(tmp_path):
+    """The run's base unless --model names another (an error, or with the override flag that model); an adapter
+    without a run config names its base in adapter_config.json; no adapter and no model: the embedded one."""
     nested = {"ModelConfig": {"model_name_or_path": "microsoft/phi-2"}, "ScriptArguments": {"max_text_tokens": 64}}
-    assert resolve_base_model("my/model", str(tmp_path), nested) == "my/model"  # --model wins
-    assert resolve_base_model(None, str(tmp_path), nested) == "microsoft/phi-2"
-    assert resolve_base_model(None, None, {}) == "embedded"
+    write_json(nested, tmp_path / "run_config.json")  # as the code before RunConfig wrote it
+    assert resolve_policy(adapter=str(tmp_path)).model == "microsoft/phi-2"
+    with pytest.raises(DataError, match=r"model_name_or_path: 'my/model' given, 'microsoft/phi-2' in .*"
+                                        r"--allow_config_override true"):
+        resolve_policy("my/model", str(tmp_path))
+    assert resolve_policy("my/model", str(tmp_path), allow_override=True).model == "my/model"
+    assert resolve_policy().model == "embedded"
+    (tmp_path / "run_config.json").unlink()
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
-    assert resolve_base_model(None, str(tmp_path), {}) == "/models/base"
+    assert resolve_policy(adapter=str(tmp_path)).model == "/models/base"
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="pass --model"):
-        resolve_base_model(None, str(tmp_path), {})
+        resolve_policy(adapter=str(tmp_path))
 
 
 @pytest.mark.parametrize("run_config, flag, expected", [
@@ -129,13 +144,23 @@ def test_base_model_resolution(tmp_path):
     ({"ModelConfig": {"model_name_or_path": "embedded"}, "ScriptArguments": {"max_text_tokens": 64}}, None, 64),
     ({"model_name_or_path": "embedded", "max_text_tokens": None}, None, None),  # trained uncut → predict uncut
     ({"model_name_or_path": "embedded"}, None, 256),
-    ({"model_name_or_path": "embedded", "max_text_tokens": 100}, 32, 32),  # the flag wins
+    ({"model_name_or_path": "embedded", "max_text_tokens": 100}, 100, 100),  # the flag agrees
 ])
 def test_policy_settings_come_from_run_config(tmp_path, run_config, flag, expected):
     write_json(run_config, tmp_path / "run_config.json")
     resolved = policy_of(PredictArguments(adapter=str(tmp_path), max_text_tokens=flag, load_in_4bit=False)).summary()
     assert resolved == {"model": "embedded", "adapter": str(tmp_path), "max_text_tokens": expected,
                         "load_in_4bit": False}
+
+
+def test_a_flag_that_contradicts_the_run_stops_unless_overridden(tmp_path):
+    write_json({"model_name_or_path": "embedded", "max_text_tokens": 100}, tmp_path / "run_config.json")
+    args = PredictArguments(adapter=str(tmp_path), max_text_tokens=32, load_in_4bit=False)
+    with pytest.raises(DataError, match="max_text_tokens: 32 given, 100 in .*run_config.json"):
+        policy_of(args)
+    assert policy_of(replace(args, allow_config_override=True)).max_text_tokens == 32
+    with pytest.raises(DataError, match=f"{tmp_path / 'gone'}: no such directory"):
+        policy_of(replace(args, adapter=str(tmp_path / "gone")))
 
 
 # ---------------------------------------------------------------- prediction
@@ -166,6 +191,26 @@ def test_nan_texts_fallback_predicts_the_mean_prompt_without_the_model(tmp_path,
     config = json.loads((tmp_path / "submission.config.json").read_text())
     assert config["rows_without_text"] == 1
     assert config["environment"]["generation_dtype"] == str(embedded_model.dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("answers, fallbacks", [
+    ("truth", 0), ("original_text", 2), ("rewritten_text", 2), (["I'm sorry, I can't.", "Make it an ad."], 1)])
+def test_fallbacks_count_the_rows_whose_answer_was_unusable(tmp_path, test_csv, tiny_triplets, embedded_model,
+                                                            embedded_tokenizer, monkeypatch, answers, fallbacks):
+    """A policy that answers with the true prompts never falls back; one that copies its input (or refuses) does, on
+    every such row, so a bound such as "fallbacks < half the rows" passes the first and trips the others."""
+    import promptrec.predict as predict_module
+
+    rows = tiny_triplets.head(2).rename(columns={"rewrite_prompt": "truth"})
+    said = rows[answers].tolist() if isinstance(answers, str) else answers
+    monkeypatch.setattr(predict_module, "generate", lambda model, tok, convs, *a, **k: [[t] for t in said])
+    out = tmp_path / "submission.csv"
+    predict_file(PredictArguments(input=str(test_csv), output=str(out), **FAST), model=embedded_model,
+                 tokenizer=embedded_tokenizer)
+    check_submission(out, ["b", "a"])
+    config = json.loads((tmp_path / "submission.config.json").read_text())
+    assert (config["fallbacks"], config["rows"]) == (fallbacks, 2)
+    assert (config["fallbacks"] < config["rows"] / 2) == (answers == "truth")
 
 
 def test_cli_without_adapter_end_to_end(tmp_path, test_csv, embedded_model_dir):
@@ -243,6 +288,23 @@ def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedde
     ids = embedded_tokenizer("Rewrite this as a poem.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, embedded_model(ids).logits, atol=1e-4)
+
+
+def test_truncated_adapter_is_a_one_line_error(tmp_path, test_csv, adapter_dir):
+    """An adapter_model.safetensors cut short (a copy that died half way) names the file, in one line, no traceback."""
+    import shutil
+
+    bad = shutil.copytree(adapter_dir, tmp_path / "bad")
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = f"{weights}: not a readable safetensors file (truncated or corrupt?)"
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("embedded", adapter=str(bad))
+    assert str(err.value) == message
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", str(test_csv), "--output", str(tmp_path / "s.csv"),
+                           "--adapter", str(bad)], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
 
 
 # ---------------------------------------------------------------- the Kaggle notebook

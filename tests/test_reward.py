@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from stage_helpers import recipe_mismatches
 
 from promptrec import scoring
 from promptrec.cli import parse_args
@@ -264,4 +265,6 @@ def test_readme_commands_and_recipes_parse():
         parse_args(getattr(scripts[name], dataclass_of[name]), ScorerArguments, args=argv[1:])
     for recipe in (REPO / "reward" / "configs").glob("*.yaml"):
         name = "evaluate" if recipe.stem.startswith("evaluate") else "mean_prompt"
-        parse_args(getattr(scripts[name], dataclass_of[name]), ScorerArguments, args=["--config", str(recipe)])
+        parsed = parse_args(getattr(scripts[name], dataclass_of[name]), ScorerArguments,
+                            args=["--config", str(recipe)])
+        assert recipe_mismatches(recipe, *parsed) == {}  # every value arrives as written

@@ -153,6 +153,23 @@ def test_bad_inputs_name_file_column_row(tmp_path):
         corpus.read_prompts(str(prompts), "prompt")
 
 
+def test_prompt_sources_share_one_dedup_rule(tmp_path):
+    """The loader of rewrite.py, candidates.py and mean_prompt.py: equal after whitespace normalisation is a duplicate
+    (case and punctuation count), the first copy is kept, source then file order; a seeded sample keeps that order."""
+    path = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["Make it a poem.", " Make it\n a poem.", "make it a poem.", "Make it a poem",
+                             "Shorter."]}).to_csv(path, index=False)
+    got = corpus.load_prompt_sources([str(path)], "prompt")
+    assert list(got.columns) == ["rewrite_prompt", "prompt_category"] and set(got.prompt_category) == {"user"}
+    assert got.rewrite_prompt.tolist() == ["Make it a poem.", "make it a poem.", "Make it a poem", "Shorter."]
+    bank = corpus.prompt_bank().rewrite_prompt.tolist()
+    both = corpus.load_prompt_sources(["bank", str(path), "bank"], "prompt").rewrite_prompt.tolist()
+    assert both[:len(bank)] == list(dict.fromkeys(bank)) and len(both) == len(set(bank) | set(got.rewrite_prompt))
+    sample = corpus.load_prompt_sources(["bank"], limit=5, seed=1).rewrite_prompt.tolist()
+    assert sample == corpus.load_prompt_sources(["bank"], limit=5, seed=1).rewrite_prompt.tolist()
+    assert len(sample) == 5 and [bank.index(p) for p in sample] == sorted(bank.index(p) for p in sample)
+
+
 def test_cli_bad_input_is_one_line_and_keeps_earlier_output(tmp_path, embedded_model_dir):
     out = tmp_path / "rw.jsonl"
     out.write_text('{"id": "keep-me"}\n')

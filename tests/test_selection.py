@@ -130,6 +130,7 @@ def test_mbr_frame_finalizes_the_pick_and_never_leaves_a_blank():
                       [["Make it a poem.", "Write a poem.", "Rewrite it as a poem."], ["???"], []],
                       [True, True, False], [("x", "y")] * 3, post, scorer)
     assert list(frame["selected"]) == ["Make it a poem.", mean, ""]
+    assert list(frame["fallback"]) == [False, True, False]  # b had text, nothing usable; c had no text
     assert list(frame["rewrite_prompt"]) == [f"Make it a poem. {mean}", mean, mean]
     assert json.loads(frame["candidates"][0])[:2] == ["Summarise it.", mean]
     assert json.loads(frame["candidates"][2]) == [] and json.loads(frame["mbr_scores"][2]) == []

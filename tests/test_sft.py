@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from stage_helpers import (
@@ -16,6 +17,7 @@ from stage_helpers import (
 )
 
 from promptrec.cli import parse_args, run_main
+from promptrec.models import EMBEDDED_HUB_ID
 
 RECIPE = str(REPO / "sft" / "configs" / "smollm2.yaml")
 
@@ -73,9 +75,12 @@ def test_sft_qlora_trains_saves_and_reloads(tmp_path, tiny_triplets):
     config = json.loads((out / "run_config.json").read_text())
     assert config["model_name_or_path"] == "embedded" and config["max_text_tokens"] == 16 and config["load_in_4bit"]
     assert set(config["lora_target_modules"]) == set(config["ModelConfig"]["lora_target_modules"])
-    split = json.loads((out / "split.json").read_text())
-    assert sorted(split["train_ids"] + split["eval_ids"]) == sorted(tiny_triplets.id)
-    assert split["eval_ids"] and not set(split["train_ids"]) & set(split["eval_ids"])
+    assert config["data"]["source"] == str(triplets) and config["base_model_id"] == EMBEDDED_HUB_ID
+    split = pd.read_parquet(out / "split.parquet")  # the rows DPO and GRPO read back, whatever becomes of the source
+    assert sorted(split["id"]) == sorted(tiny_triplets.id) and set(split["split"]) == {"train", "eval"}
+    assert (config["data"]["train_rows"], config["data"]["eval_rows"]) == tuple(split["split"].value_counts()[
+        ["train", "eval"]])
+    assert EMBEDDED_HUB_ID in (out / "README.md").read_text()  # our card, not TRL's
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"]["eval_loss"] > 0 and metrics["train"]["train_loss"] > 0
     assert (out / "curves.png").stat().st_size > 1000 and (out / "adapter_model.safetensors").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from stage_helpers import tiny_target_checkpoint
+from stage_helpers import recounted_fallbacks, tiny_target_checkpoint
 
 from promptrec.predict import PredictArguments, predict_file
 from promptrec.tables import DataError
@@ -83,9 +83,12 @@ def test_target_pipeline_runs_end_to_end_at_tiny_shapes(tmp_path, target, embedd
     test = run_dir / "split" / "test.csv"
     out = tmp_path / "submission.csv"
     predict_file(PredictArguments(input=str(test), output=str(out), adapter=str(run_dir / "dpo"), max_new_tokens=8,
-                                  progress=False))
+                                  progress=False, raw_output=str(tmp_path / "raw.csv")))
     sub = pd.read_csv(out, keep_default_na=False)
-    assert list(sub["id"]) == list(pd.read_csv(test)["id"]) and sub["rewrite_prompt"].str.strip().str.len().min()
+    assert list(sub["id"]) == list(pd.read_csv(test)["id"])
+    # random tiny weights: no bound on the fallbacks, but each is counted as the unusable-answer rule says
+    config = json.loads((tmp_path / "submission.config.json").read_text())
+    assert config["rows"] == len(sub) and config["fallbacks"] == recounted_fallbacks(test, tmp_path / "raw.csv")
     resolved = json.loads((tmp_path / "submission.config.json").read_text())["resolved"]
     assert resolved == {"model": str(model), "adapter": str(run_dir / "dpo"), "max_text_tokens": budget,
                         "load_in_4bit": True}

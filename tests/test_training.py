@@ -8,9 +8,11 @@ import json
 import pandas as pd
 import pytest
 import torch
-from stage_helpers import REPO, load_script
+import yaml
+from stage_helpers import REPO, load_script, recipe_mismatches
 
 from promptrec.cli import parse_args
+from promptrec.run_config import INHERITED
 from promptrec.splits import split_frame
 from promptrec.tables import DataError
 from promptrec.training import check_lora_targets, lora_config, read_pairs, rows_consumed, sft_dataset
@@ -39,7 +41,9 @@ def parse_recipe(path, *overrides, stage=None, script=None):
     script = script or recipe_script(path, stage)
     script_args, config = PARSERS[script]
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    return parse_args(getattr(load_script(script), script_args), getattr(trl, config), trl.ModelConfig,
+    module = load_script(script)
+    model_config = getattr(module, "InheritedModelConfig", trl.ModelConfig)  # DPO, GRPO: unset = the SFT run's
+    return parse_args(getattr(module, script_args), getattr(trl, config), model_config,
                       args=["--config", str(path), *cpu, *overrides])
 
 
@@ -55,9 +59,15 @@ def test_every_recipe_and_launcher_config_parses(path):
             assert config.deepspeed_config["zero_stage"] in (2, 3)
         return
     script_args, training_args, model_args = parse_recipe(path)
+    # every value arrives as the recipe writes it (none overwritten or mis-typed), and the ones that matter are set
+    assert recipe_mismatches(path, script_args, training_args, model_args) == {}
+    written = set(yaml.safe_load(path.read_text()))
+    needs = ({"beta", "loss_type"} if path.parent.parent.name == "dpo"
+             else {"model_name_or_path", "lora_r", "max_text_tokens"})
+    assert needs | {"learning_rate", "scorer"} <= written and written & {"max_steps", "num_train_epochs"}
     assert training_args.output_dir.startswith("checkpoints/")
     if path.parent.parent.name == "dpo":  # decided once, by the SFT run: read back from its run_config.json
-        assert model_args.model_name_or_path is None and script_args.sft_adapter
+        assert all(getattr(model_args, name) is None for name in INHERITED) and script_args.sft_adapter
     else:
         assert model_args.model_name_or_path
     if model_args.load_in_4bit:  # QLoRA recipes: NF4, double quantisation, storage = compute dtype (ZeRO-3)
@@ -73,6 +83,27 @@ def test_unknown_recipe_key_is_an_error(tmp_path, capsys):
     assert stop.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and "max_seq_length" in line
+
+
+def test_only_user_facing_path_errors_are_one_line(tmp_path, capsys):
+    """A missing path the user named (a table, a recipe) is ``error: <path>: <problem>`` and exit 2; any other
+    FileNotFoundError is a bug and keeps its traceback."""
+    from promptrec.cli import run_main
+    from promptrec.tables import UserPathError, read_table, require_path
+
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: read_table(missing))
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {missing}: no such file\n"
+    with pytest.raises(SystemExit) as stop:
+        parse_recipe(tmp_path / "nope.yaml", stage="sft")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.yaml'}: no such file (the --config recipe)\n"
+    with pytest.raises(FileNotFoundError):  # internal: not caught
+        run_main(lambda: open(tmp_path / "internal.json"))
+    assert require_path(tmp_path, "directory") == tmp_path
+    with pytest.raises(UserPathError, match=f"^{tmp_path}: not a file$"):
+        require_path(tmp_path)
 
 
 def _tiny(config_cls, **kwargs):
