@@ -67,7 +67,10 @@ def command_settings(script: str, argv: list[str], repo: Path, root: Path) -> di
     flags = parse_flags(argv)
     values: dict[str, str] = {"script": script}
     if "config" in flags:
+        from promptrec.tables import require_path
+
         recipe = Path(flags["config"]) if Path(flags["config"]).is_absolute() else repo / flags["config"]
+        recipe = require_path(recipe, "file", hint=f"the recipe of {script}")
         loaded = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
         values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in loaded.items()})
     values.update(flags)
@@ -98,19 +101,21 @@ class Decision:
 
 
 def decide(record: dict | None, settings: dict, inputs: dict[str, str], forced: bool = False,
-           upstream: tuple[str, ...] = (), legacy_done: bool = False) -> Decision:
+           upstream: tuple[str, ...] = (), legacy_done: bool = False, missing: tuple[str, ...] = ()) -> Decision:
     """Whether a stage with this ``record`` (None: none) runs again for these ``settings`` and ``inputs``.
-    ``upstream``: earlier stages that ran in this invocation; ``legacy_done``: the folder has only an old ``DONE``."""
+    ``upstream``: earlier stages that ran in this invocation; ``legacy_done``: the folder has only an old ``DONE``;
+    ``missing``: outputs of the stage that are gone."""
     if forced:
         return Decision("fresh", ("--force",))
     if record is None:
         return Decision("fresh", ("finished by an older pipeline that kept no record of its settings",)
-                        if legacy_done else ("not run before",))
+                        if legacy_done else ("not run before",))  # run.py moves a legacy folder aside
     reasons = changes(record.get("settings", {}), settings)
     old_inputs = record.get("inputs", {})
     reasons += [f"input {name} changed" for name in sorted(set(old_inputs) | set(inputs))
                 if old_inputs.get(name) != inputs.get(name)]
     reasons += [f"upstream stage {', '.join(upstream)} re-ran"] if upstream else []
+    reasons += [f"output {name} is missing" for name in missing] if record.get("status") == "done" else []
     if reasons:
         return Decision("fresh", tuple(reasons))
     if record.get("status") != "done":

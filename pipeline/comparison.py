@@ -118,8 +118,22 @@ def score_methods(truth: pd.DataFrame, methods: dict[str, list[str]], scorer, la
 def fallbacks(run_dir: Path, row: str) -> int | None:
     """Rows whose model answer was unusable and got the mean prompt instead, as the predict step recorded them in
     ``predict/<row>.config.json``; None for rows no model predicted (or a run that did not record it)."""
-    path = RunPaths(run_dir).prediction(row).with_suffix(".config.json")
+    path = RunPaths(run_dir).prediction("dpo" if row == "dpo_mean" else row).with_suffix(".config.json")
     return json.loads(path.read_text()).get("fallbacks") if path.is_file() else None
+
+
+def cards(run_dir: Path, rows: list[dict], n: int) -> None:
+    """Each greedy adapter row's held-out SCS, with its CI, into that adapter's model card (README.md)."""
+    from promptrec.model_card import write_model_card
+
+    predicted = predicted_rows(run_dir)
+    for r in rows:
+        info = predicted.get(r["id"], {})
+        adapter = info.get("adapter")
+        if adapter and info.get("selection") == "greedy" and (Path(adapter) / "run_config.json").is_file():
+            measured = {k: r[k] for k in ("mean_scs", "ci_low", "ci_high")}
+            write_model_card(adapter, measured={**measured, "n": n,
+                                                        "where": f"held-out SCS, main-job report of {run_dir.name}"})
 
 
 def produced_by(run_dir: Path) -> dict[str, dict]:
@@ -235,6 +249,7 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
         md += [f"- **{r['method']}**: {_cell(r['predictions'][0], 200)}" for r in rows]
         md += ["", f"True prompt: {truth['rewrite_prompt'].iloc[0]}"]
     (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    cards(run_dir, rows, len(truth))
     _plot(rows, out_dir / "report.png", identity)
     summary = [{k: v for k, v in r.items() if k not in ("scores", "predictions")} | {"example": r["predictions"][0]}
                for r in rows]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from promptrec.run_config import RUN_CONFIG, SPLIT_ROWS
+
 # What a stage reads of an adapter run folder: the weights, their PEFT config, the run's contract and the SFT
-# run's train/eval rows that DPO and GRPO carry on (promptrec/run_config.py).
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "run_config.json", "split.parquet")
+# run's train/eval rows that DPO and GRPO carry on.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", RUN_CONFIG, SPLIT_ROWS)
 
 
 class RunPaths:

@@ -95,8 +95,9 @@ class Runner:
         settings = {step.name: step.settings for step in steps}
         inputs = input_digests(stage.inputs(self.job), self.paths.root)
         upstream = tuple(s for s in self.ran if any(name.split("/")[0] == s for name in inputs))
+        missing = tuple(str(p) for p in stage.outputs(self.job) if not p.exists())
         decision = decide(read_record(out), settings, inputs, self.forced(stage.name), upstream,
-                          legacy_done=(out / "DONE").exists())
+                          legacy_done=(out / "DONE").exists(), missing=missing)
         banner = f"\n=== [{number}/{len(STAGES)}] {stage.name}"
         self.log[stage.name] = decision.action
         if decision.action == "skip":
@@ -108,12 +109,17 @@ class Runner:
         if self.args.dry_run:
             self.ran.append(stage.name)
             return
-        if decision.action == "fresh":  # nothing a run with other settings left may be reused
+        if decision.action == "fresh" and (out / "DONE").exists() and read_record(out) is None:
+            legacy = out.with_name(f"{out.name}.legacy")  # an older pipeline's work: kept, never silently deleted
+            shutil.rmtree(legacy, ignore_errors=True)
+            out.rename(legacy)
+            print(f"    its folder (no record of what produced it) is kept as {legacy}", flush=True)
+        elif decision.action == "fresh":  # nothing a run with other settings left may be reused
             shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         self.current = stage.name
         record = {"stage": stage.name, "settings": settings, "inputs": inputs, "invocation": self.started,
-                  "config": asdict(self.args)}
+                  "config": asdict(self.args), "commands": {s.name: s.command for s in steps if s.command}}
         write_record(out, status="running", **record)
         start = time.time()
         for step in steps:
@@ -136,7 +142,7 @@ class Runner:
 
 
 def main(args: PipelineArguments) -> dict:
-    paths = RunPaths(Path(args.run_dir))
+    paths = RunPaths(Path(args.run_dir).resolve())  # the scripts run from the repository root, we may not
     paths.root.mkdir(parents=True, exist_ok=True)
     run = Runner(args, paths)
     if not args.dry_run:

@@ -20,6 +20,7 @@ from arguments import PipelineArguments  # pipeline/arguments.py, beside this sc
 from cache import command_settings
 from paths import RunPaths
 
+from promptrec.run_config import data_licence
 from promptrec.tables import DataError, write_json, write_table
 from promptrec.triplets import read_triplets
 
@@ -36,6 +37,7 @@ class Step:
     settings: dict[str, str]
     run: Callable[[], None]
     out: Path | None = None
+    command: str = ""  # the command line, for the record (settings are what is compared)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Stage:
     name: str
     inputs: Callable[[Job], list[Path]]
     steps: Callable[[Job], list[Step]]
+    outputs: Callable[[Job], list[Path]] = lambda job: []  # a finished stage missing one of them runs again
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Job:
         extra = [a for e in self.args.extra if e.startswith(f"{stage}:") for a in shlex.split(e.split(":", 1)[1])]
         argv = [*map(str, cli), *extra]
         settings = command_settings(script, argv, REPO, self.paths.root)
-        return Step(name, settings, lambda: self.execute(stage, [sys.executable, str(REPO / script), *argv]), out)
+        cmd = [sys.executable, str(REPO / script), *argv]
+        return Step(name, settings, lambda: self.execute(stage, cmd), out, shlex.join(cmd))
 
     @property
     def seed(self) -> list:
@@ -131,7 +135,8 @@ def sft(job: Job) -> list[Step]:
     return [job.script("sft", "sft/train.py", "--config", a.sft_recipe, "--model_name_or_path", a.model,
                        "--triplets", p.train, "--max_text_tokens", a.max_text_tokens, "--max_steps",
                        job.knob("sft_steps"), "--scorer", a.scorer, "--output_dir", p.sft, "--max_eval_samples",
-                       job.knob("eval_samples"), "--eval_scs_samples", job.knob("eval_samples"),
+                       job.knob("eval_samples"), "--eval_scs_samples", job.knob("eval_samples"), "--data_licence",
+                       data_licence(a.triplets if a.triplets and not a.generate else str(p.triplets)),
                        *a.training_cli(), *job.seed)]
 
 
@@ -243,23 +248,31 @@ def _adapter(job: Job, run: Path) -> list[Path]:
     return job.paths.adapter_files(run)
 
 
+def _predictions(job: Job) -> list[Path]:
+    return [job.paths.prediction(r) for r in (*predicted_adapters(job), *(["mbr"] if job.args.mbr_candidates else []))]
+
+
 STAGE_TABLE = (
-    Stage("rewrite", rewrite_inputs, rewrite),
-    Stage("split", lambda j: [j.paths.triplets], split),
-    Stage("mean_prompt", lambda j: [j.paths.train], mean_prompt),
-    Stage("sft", lambda j: [j.paths.train], sft),
+    Stage("rewrite", rewrite_inputs, rewrite, lambda j: [j.paths.triplets]),
+    Stage("split", lambda j: [j.paths.triplets], split, lambda j: [j.paths.train, j.paths.heldout, j.paths.test_csv]),
+    Stage("mean_prompt", lambda j: [j.paths.train], mean_prompt, lambda j: [j.paths.mean_prompt]),
+    Stage("sft", lambda j: [j.paths.train], sft, lambda j: _adapter(j, j.paths.sft)),
     Stage("candidates", lambda j: [j.paths.train, j.paths.mean_prompt, *_adapter(j, j.paths.sft)],
-          lambda j: [candidates_step(j, j.paths.candidates, j.paths.sft, j.paths.train)]),
+          lambda j: [candidates_step(j, j.paths.candidates, j.paths.sft, j.paths.train)],
+          lambda j: [j.paths.candidates / "candidates.parquet", j.paths.candidates / "triplets.parquet"]),
     Stage("pairs", lambda j: [j.paths.candidates / "candidates.parquet"],
-          lambda j: [pairs_step(j, j.paths.pairs, j.paths.candidates)]),
+          lambda j: [pairs_step(j, j.paths.pairs, j.paths.candidates)],
+          lambda j: [j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"]),
     Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"],
-          lambda j: [dpo_step(j, j.paths.dpo, j.paths.sft, j.paths.pairs)]),
+          lambda j: [dpo_step(j, j.paths.dpo, j.paths.sft, j.paths.pairs)], lambda j: _adapter(j, j.paths.dpo)),
     Stage("iterate", lambda j: [j.paths.train, j.paths.mean_prompt, j.paths.candidates / "triplets.parquet",
-                                *_adapter(j, j.paths.dpo)] if j.args.dpo_rounds > 1 else [], iterate),
-    Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo),
+                                *_adapter(j, j.paths.dpo)] if j.args.dpo_rounds > 1 else [], iterate,
+          lambda j: _adapter(j, j.paths.last_dpo(j.args.dpo_rounds)) if j.args.dpo_rounds > 1 else []),
+    Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo,
+          lambda j: _adapter(j, j.paths.grpo) if j.args.grpo_recipe else []),
     Stage("predict", lambda j: [j.paths.test_csv, j.paths.mean_prompt, *(
-        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a))], predict),
-    Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *(
-        j.paths.prediction(r) for r in (*predicted_adapters(j), *(["mbr"] if j.args.mbr_candidates else [])))],
-        report),
+        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a))], predict,
+        lambda j: [*_predictions(j), j.paths.predicted_rows]),
+    Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *_predictions(j)], report,
+          lambda j: [j.paths.report_md, j.paths.report_json]),
 )

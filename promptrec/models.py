@@ -27,8 +27,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF was made from
 # What identifies a base model's architecture and size (config.json keys): a local copy of a hub model has the same.
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "rope_parameters", "sliding_window",
-              "max_position_embeddings")
+              "num_attention_heads", "num_key_value_heads", "rope_theta", "sliding_window", "max_position_embeddings")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -108,6 +107,8 @@ def resolve_model_path(name: str) -> str:
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelNotFoundError(f"{path} is a directory but holds no config.json (not a saved model)")
         return str(path)
+    if str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1:  # a path, not a hub id "org/name"
+        raise ModelNotFoundError(f"{name}: no such directory (a local model path that does not exist)")
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not _hub_reachable():
@@ -135,7 +136,9 @@ def model_shape(model: str | object) -> dict:
 
     config = AutoConfig.from_pretrained(resolve_model_path(model)) if isinstance(model, str) else model
     values = config.to_dict()
-    return json.loads(json.dumps({k: values[k] for k in SHAPE_KEYS if values.get(k) is not None}))
+    # transformers 5 nests rope_theta in rope_parameters, 4.x keeps it flat: one spelling, so versions agree
+    values["rope_theta"] = values.get("rope_theta") or (values.get("rope_parameters") or {}).get("rope_theta")
+    return json.loads(json.dumps({k: values.get(k) for k in SHAPE_KEYS}))
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:

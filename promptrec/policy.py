@@ -110,7 +110,8 @@ def resolve_policy(model: str | None = None, adapter: str | None = None, max_tex
                   load_in_4bit=as_trained if load_in_4bit is None else load_in_4bit,
                   load_in_8bit=load_in_4bit is None and run.load_in_8bit, quant_type=run.bnb_4bit_quant_type,
                   double_quant=run.use_bnb_nested_quant, quant_storage=run.bnb_4bit_quant_storage,
-                  revision=run.model_revision, attn_implementation=run.attn_implementation)
+                  revision=run.model_revision)  # attention kernel: this machine's default, not training's (a
+    # flash_attention_2 run must load on a T4 or a CPU, and every kernel computes the same attention)
 
 
 def load_policy(policy: Policy, dtype: str = "auto", device_map=None):

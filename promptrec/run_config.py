@@ -130,11 +130,31 @@ def _same(name: str, given, recorded, base_shape: dict) -> bool:
     if name == "model_name_or_path":
         if {str(given).lower(), str(recorded).lower()} <= set(EMBEDDED_ALIASES):
             return True
-        try:  # a copy of the base has its config; a name that is no model is simply another one
-            return bool(base_shape) and model_shape(str(given)) == base_shape
-        except (OSError, ValueError):
-            return False
+        recorded_shape = base_shape or _shape(str(recorded))
+        if not recorded_shape and Path(str(given)).expanduser().is_dir():  # an old run, its base unreadable here
+            logger.warning("%s cannot be checked against the run's base %s (the run recorded no fingerprint of it): "
+                           "assumed a local copy of it", given, recorded)
+            return True
+        return same_shape(_shape(str(given)), recorded_shape)
     return False
+
+
+def _shape(name: str) -> dict:
+    """:func:`promptrec.models.model_shape` of ``name``; ``{}`` when it is no readable model here (a hub id offline,
+    a path that holds none): then it is simply another model."""
+    try:
+        return model_shape(name)
+    except (OSError, ValueError):
+        return {}
+
+
+def same_shape(a: dict, b: dict) -> bool:
+    """Two config fingerprints describe one model: the keys both state agree, and they state the core ones (a key
+    one transformers version writes as null or omits, e.g. a nested rope_theta, is not a difference)."""
+    core = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+    if not all(a.get(k) is not None and b.get(k) is not None for k in core):
+        return False
+    return all(a[k] == b[k] for k in a.keys() & b.keys() if a[k] is not None and b[k] is not None)
 
 
 def read_run_config(run_dir: str | Path, required: bool = True) -> RunConfig | None:

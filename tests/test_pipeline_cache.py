@@ -83,7 +83,8 @@ def fake_stages(calls: list, knobs: dict, fail_at: str | None = None):
             return run
         return [Step(n, {"steps": str(knobs["steps"])}, part(n), job.paths.sft / n) for n in ("a", "b")]
 
-    return [Stage("split", lambda j: [], split_steps), Stage("sft", lambda j: [j.paths.train], sft_steps)]
+    return [Stage("split", lambda j: [], split_steps, lambda j: [j.paths.train]),
+            Stage("sft", lambda j: [j.paths.train], sft_steps)]
 
 
 def run_all(runner, stages):
@@ -156,3 +157,19 @@ def test_a_failed_command_is_its_own_error_with_the_command_and_its_log_tail(tmp
     assert "stage 'sft' failed (exit 3)" in message and "boom: bad value" in message and "import sys" in message
     assert "boom: bad value" in (tmp_path / "log.txt").read_text()
     assert not isinstance(err.value, ValueError)  # not DataError, the class that means bad input
+
+
+def test_a_deleted_output_reruns_its_stage_and_an_old_folder_is_kept_aside(tmp_path, capsys):
+    calls, knobs = [], {"rows": 16, "steps": 2}
+    legacy = tmp_path / "run" / "sft"
+    legacy.mkdir(parents=True)
+    (legacy / "DONE").write_text("12 s\n")  # an older pipeline's finished stage: no record of its settings
+    (legacy / "adapter_model.safetensors").write_text("weights")
+    run_all(make_runner(tmp_path), fake_stages(calls, knobs))
+    assert "kept as" in capsys.readouterr().out and calls == ["split", "a", "b"]
+    assert (tmp_path / "run" / "sft.legacy" / "adapter_model.safetensors").read_text() == "weights"
+
+    (tmp_path / "run" / "split" / "train.parquet").unlink()
+    calls.clear()
+    run_all(make_runner(tmp_path), fake_stages(calls, knobs))
+    assert calls == ["split", "a", "b"] and "train.parquet is missing" in capsys.readouterr().out

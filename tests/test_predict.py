@@ -120,7 +120,7 @@ def test_mean_prompt_from_string_or_json(tmp_path):
             resolve_mean_prompt(str(path))
 
 
-def test_base_model_resolution(tmp_path):
+def test_base_model_resolution(tmp_path, embedded_model_dir):
     """The run's base unless --model names another (an error, or with the override flag that model); an adapter
     without a run config names its base in adapter_config.json; no adapter and no model: the embedded one."""
     nested = {"ModelConfig": {"model_name_or_path": "microsoft/phi-2"}, "ScriptArguments": {"max_text_tokens": 64}}
@@ -130,6 +130,8 @@ def test_base_model_resolution(tmp_path):
                                         r"--allow_config_override true"):
         resolve_policy("my/model", str(tmp_path))
     assert resolve_policy("my/model", str(tmp_path), allow_override=True).model == "my/model"
+    # an old run recorded no fingerprint of its base: a local directory is taken as a copy of it (the notebook's case)
+    assert resolve_policy(str(embedded_model_dir), str(tmp_path)).model == str(embedded_model_dir)
     assert resolve_policy().model == "embedded"
     (tmp_path / "run_config.json").unlink()
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))

@@ -17,6 +17,7 @@ from promptrec.run_config import (
     RunConfig,
     TrainingData,
     read_run_config,
+    same_shape,
     split_rows,
 )
 from promptrec.tables import DataError, write_json
@@ -113,7 +114,8 @@ def test_another_model_with_the_same_name_pattern_is_caught(tmp_path):
     """A local model whose config differs from the base the run recorded (Mistral v0.1 for v0.2, say) stops."""
     other = tiny_target_checkpoint("mistral", tmp_path / "mistral-7b-instruct-v0.1")
     run = RunConfig("sft", "mistralai/Mistral-7B-Instruct-v0.2", base_shape={**model_shape(str(other)),
-                                                                             "rope_parameters": {"rope_theta": 1e6}})
+                                                                             "rope_theta": 1e6})
+    assert same_shape({**run.base_shape, "rope_theta": None}, run.base_shape)  # a version that does not state it
     with pytest.raises(DataError, match="model_name_or_path: .*mistral-7b-instruct-v0.1' given, "
                                         "'mistralai/Mistral-7B-Instruct-v0.2' in"):
         run.agree("model_name_or_path", str(other))
