@@ -112,8 +112,8 @@ def decide(record: dict | None, settings: dict, inputs: dict[str, str], forced: 
                         if legacy_done else ("not run before",))  # run.py moves a legacy folder aside
     reasons = changes(record.get("settings", {}), settings)
     old_inputs = record.get("inputs", {})
-    reasons += [f"input {name} changed" for name in sorted(set(old_inputs) | set(inputs))
-                if old_inputs.get(name) != inputs.get(name)]
+    reasons += [f"input {name} changed" for name in sorted(set(old_inputs) | set(inputs))  # an upstream re-run says it
+                if old_inputs.get(name) != inputs.get(name) and name.split("/")[0] not in upstream]
     reasons += [f"upstream stage {', '.join(upstream)} re-ran"] if upstream else []
     reasons += [f"output {name} is missing" for name in missing] if record.get("status") == "done" else []
     if reasons:
