@@ -21,6 +21,7 @@ everything after it, printing why. ``--force`` redoes stages anyway; ``--until``
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -164,7 +165,9 @@ def main(args: PipelineArguments) -> dict:
     print("\nStage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
           + f"; total {sum(timings.values()) / 60:.1f} min", flush=True)
     if args.until == "report":
-        table = [line for line in paths.report_md.read_text().splitlines() if line.startswith("|")]
+        lines = paths.report_md.read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+        table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))  # the comparison only
         print(f"\nHeld-out comparison ({paths.report_md}):\n" + "\n".join(table), flush=True)
     return {"run_dir": str(paths.root), "timings": run.timings, "stages": run.log}
 
