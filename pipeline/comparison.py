@@ -138,10 +138,10 @@ def cards(run_dir: Path, rows: list[dict], n: int) -> None:
 
 def produced_by(run_dir: Path) -> dict[str, dict]:
     """Per stage: the invocation (start time) and pipeline arguments that produced it, from its ``stage.json``."""
+    from arguments import STAGES  # pipeline/arguments.py
     from cache import read_record  # pipeline/cache.py
 
-    records = {stage: read_record(Path(run_dir) / stage) for stage in
-               ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "grpo", "predict")}
+    records = {stage: read_record(Path(run_dir) / stage) for stage in STAGES if stage != "report"}
     return {stage: {"invocation": r["invocation"], "config": r["config"]} for stage, r in records.items() if r}
 
 

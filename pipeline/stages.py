@@ -20,6 +20,7 @@ from arguments import PipelineArguments  # pipeline/arguments.py, beside this sc
 from cache import command_settings
 from paths import RunPaths
 
+from promptrec.corpus import REFERENCE, reference_triplets_path
 from promptrec.run_config import data_licence
 from promptrec.tables import DataError, write_json, write_table
 from promptrec.triplets import read_triplets
@@ -92,7 +93,7 @@ def rewrite(job: Job) -> list[Step]:
 def rewrite_inputs(job: Job) -> list[Path]:
     a = job.args
     if a.triplets and not a.generate:
-        return [REPO / "promptrec" / "assets" / "reference_rewrites.jsonl" if a.triplets == "reference"
+        return [Path(reference_triplets_path()) if a.triplets == REFERENCE
                 else Path(a.triplets)] if not a.triplets.startswith("hf:") else []
     return []
 

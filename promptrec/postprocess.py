@@ -264,14 +264,6 @@ def postprocess(raw, config: PostprocessConfig | None = None, sources: Iterable[
     return finalize(clean_prediction(raw, config, sources), config)
 
 
-def postprocess_all(raws: Iterable, config: PostprocessConfig | None = None,
-                    sources: Iterable[Iterable[str]] | None = None) -> list[str]:
-    """:func:`postprocess` of each raw generation; ``sources[i]`` are row i's texts (for ``drop_copies``)."""
-    raws = list(raws)
-    sources = list(sources) if sources is not None else [()] * len(raws)
-    return [postprocess(raw, config, texts) for raw, texts in zip(raws, sources, strict=True)]
-
-
 def resolve_mean_prompt(value: str) -> str:
     """A mean prompt given as the string itself or as a JSON file with a ``mean_prompt`` key."""
     if not value.strip().endswith(".json"):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess, postprocess_all, unusable_reason
+from promptrec.postprocess import PostprocessConfig, clean_prediction, postprocess, unusable_reason
 
 MEAN = "Improve the text to this."
 
@@ -83,7 +83,7 @@ def test_append_mean_prompt():
 
 def test_never_blank_and_order_kept():
     raws = ["Make it a haiku.", None, "", math.nan, "Sure, here is the instruction:", "Turn it into a tweet."]
-    out = postprocess_all(raws)
+    out = [postprocess(raw) for raw in raws]
     assert out == ["Make it a haiku.", MEAN, MEAN, MEAN, MEAN, "Turn it into a tweet."]
     assert all(isinstance(p, str) and p.strip() for p in out)
 
@@ -102,7 +102,7 @@ def test_a_copy_of_the_input_is_not_a_prompt():
     assert postprocess("Tuesday.", sources=texts) == "Tuesday."  # too short to call a copy
     assert postprocess("The gatherin' be moved to Tuesday.", PostprocessConfig(drop_copies=False), texts) == (
         "The gatherin' be moved to Tuesday.")
-    assert postprocess_all(["The meeting moved to Tuesday", "Make it formal."], sources=[texts, texts]) == [
+    assert [postprocess(p, sources=texts) for p in ("The meeting moved to Tuesday", "Make it formal.")] == [
         MEAN, "Make it formal."]
 
 
