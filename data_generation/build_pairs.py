@@ -10,6 +10,15 @@ Reads ``candidates.parquet`` (``id, candidate, source``) and the ``triplets.parq
 in TRL's conversational preference format (``prompt``, ``chosen``, ``rejected`` plus ``id, score_chosen,
 score_rejected, source_chosen, source_rejected``) to ``train.jsonl`` and ``eval.jsonl``, split by example id,
 prompt or prompt cluster (one prompt never on both sides). Also ``scores.parquet``, ``summary.json``, ``margins.png``.
+
+Drift controls (issue 23; both off by default), applied to each side's pairs by :func:`promptrec.drift.drift_controls`:
+
+* ``--drop_shared_prefix_tokens k``: drop pairs whose chosen and rejected answers start with the same ``k`` tokens
+  of the tokenizer the prompts are rendered with (0: off);
+* ``--max_opening_share s``: no opening word (:func:`promptrec.drift.opening_word`) may start more than a share ``s``
+  of a side's chosen answers; pairs of a word above it are dropped, smallest margin first (1: off).
+
+``summary.json`` records what each dropped per side and the chosen answers' opening words (``drift_controls``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from promptrec import drift as D
 from promptrec import pairs as P
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.plots import figure
@@ -32,7 +42,7 @@ from promptrec.run_config import override_field
 from promptrec.scoring import ScorerArguments
 from promptrec.splits import SPLIT_BY, eval_mask, with_prompt_clusters
 from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
-from promptrec.templates import preference_example
+from promptrec.templates import preference_example, recovery_answer
 
 logger = logging.getLogger("build_pairs")
 
@@ -65,6 +75,12 @@ class PairArguments(ScorerArguments):
     cluster_threshold: float = field(default=0.85, metadata={
         "help": "split_by=cluster: prompts with cosine ≥ this (transitively) form one group."})
     seed: int = field(default=42, metadata={"help": "Split seed."})
+    drop_shared_prefix_tokens: int = field(default=0, metadata={
+        "help": "Drift control: drop pairs whose chosen and rejected answers start with the same this many tokens "
+                "(of the tokenizer the prompts are rendered with); 0: off."})
+    max_opening_share: float = field(default=1.0, metadata={
+        "help": "Drift control: no opening word may start more than this share of a side's chosen answers; pairs "
+                "of a word above it are dropped, smallest margin first; 1: off."})
 
     def __post_init__(self):
         for name, choices in (("strategy", P.STRATEGIES), ("split_by", SPLIT_BY)):
@@ -72,6 +88,10 @@ class PairArguments(ScorerArguments):
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if self.min_margin < 0 or self.k < 1 or not 0 <= self.eval_fraction < 1:
             raise ValueError("min_margin must be >= 0, k >= 1 and eval_fraction in [0, 1)")
+        if self.drop_shared_prefix_tokens < 0:
+            raise ValueError(f"drop_shared_prefix_tokens must be >= 0 (0 = off), not {self.drop_shared_prefix_tokens}")
+        if not 0 < self.max_opening_share <= 1:
+            raise ValueError(f"max_opening_share must be in (0, 1] (1 = off), not {self.max_opening_share}")
         cand = Path(self.candidates)
         self.triplets = self.triplets or str(cand.with_name("triplets.parquet"))
         self.output_dir = self.output_dir or str(cand.with_name("pairs"))
@@ -139,16 +159,34 @@ def example_pairs(args: PairArguments, example: dict, strategy: str | None = Non
                          rejected_sources=args.rejected_sources)
 
 
-def pair_rows(args: PairArguments, example: dict, tokenizer) -> list[dict]:
-    """The example's pairs as TRL conversational preference rows plus ids, scores and sources."""
-    return [{"id": example["id"], **preference_example(example["original_text"], example["rewritten_text"],
-                                                       p["chosen"], p["rejected"], tokenizer, args.max_text_tokens),
-             **{k: p[k] for k in ("score_chosen", "score_rejected", "source_chosen", "source_rejected")}}
-            for p in example_pairs(args, example)]
+def pair_row(args: PairArguments, example: dict, pair: dict, tokenizer) -> dict:
+    """One pair of ``example`` as a TRL conversational preference row plus its id, scores and sources."""
+    rendered = preference_example(example["original_text"], example["rewritten_text"], pair["chosen"],
+                                  pair["rejected"], tokenizer, args.max_text_tokens)
+    return {"id": example["id"], **rendered,
+            **{k: pair[k] for k in ("score_chosen", "score_rejected", "source_chosen", "source_rejected")}}
 
 
-def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, scorer) -> dict:
-    """Counts, margins and sources of the pairs, mean score per candidate source, and what each strategy gives."""
+def side_pairs(args: PairArguments, examples: pd.DataFrame, tokenizer) -> tuple[pd.DataFrame, dict]:
+    """The pairs of one split side's scored ``examples`` as :data:`PAIR_COLUMNS` rows, after the drift controls
+    (:func:`promptrec.drift.drift_controls` with the flags' settings; tokens are ``tokenizer``'s of the answers as
+    rendered), and what those dropped."""
+    pairs = [{**p, "example": ex} for ex in examples.to_dict(orient="records") for p in example_pairs(args, ex)]
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        answers = [recovery_answer(t)[0]["content"] for t in texts]
+        return tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+
+    kept, dropped = D.drift_controls(pairs, tokenize, args.drop_shared_prefix_tokens, args.max_opening_share)
+    rows = [pair_row(args, p["example"], p, tokenizer) for p in kept]
+    return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
+
+
+def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, scorer,
+              dropped: dict) -> dict:
+    """Counts, margins and sources of the pairs, mean score per candidate source, what each strategy gives, and the
+    drift controls: their settings, what they dropped per side (``dropped``) and the chosen answers' opening words
+    (:func:`promptrec.drift.drift_summary`) per side."""
     both = pd.concat([train, evals])  # both have every PAIR_COLUMNS column, rows or not
     examples = scored.to_dict(orient="records")
     per_strategy = {s: sum(len(example_pairs(args, ex, s)) for ex in examples) for s in P.STRATEGIES}
@@ -160,7 +198,11 @@ def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, ev
             "sources": P.source_counts(both.to_dict(orient="records")),
             "mean_score_per_source": long.groupby("sources")["scores"].mean().round(4).to_dict(),
             "scorer": scorer.identity, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
-                                                 "seed": args.seed}}
+                                                 "seed": args.seed},
+            "drift_controls": {"drop_shared_prefix_tokens": args.drop_shared_prefix_tokens,
+                               "max_opening_share": args.max_opening_share, "dropped": dropped,
+                               "chosen_openings": {side: D.drift_summary([m[0]["content"] for m in df["chosen"]])
+                                                   for side, df in (("train", train), ("eval", evals))}}}
 
 
 def plot_margins(train: pd.DataFrame, evals: pd.DataFrame, path: Path, title: str) -> None:
@@ -194,15 +236,17 @@ def main(args: PairArguments) -> dict | None:
     clustered = args.split_by == "cluster"  # near-identical prompts (by embedding) form one group, on one side
     groups = with_prompt_clusters(scored, scorer.encode, args.cluster_threshold) if clustered else scored
     is_eval = eval_mask(groups, args.eval_fraction, args.split_by, args.seed)
-    rows = [[r for ex in scored[mask].to_dict(orient="records") for r in pair_rows(args, ex, tokenizer)]
-            for mask in (~is_eval, is_eval)]
-    train, evals = (pd.DataFrame(r, columns=list(PAIR_COLUMNS)) for r in rows)
+    (train, train_dropped), (evals, eval_dropped) = (side_pairs(args, scored[mask], tokenizer)
+                                                     for mask in (~is_eval, is_eval))
+    dropped = {"train": train_dropped, "eval": eval_dropped}
+    if args.drop_shared_prefix_tokens or args.max_opening_share < 1:
+        logger.info("Drift controls dropped %s", dropped)
     write_table(train, out / "train.jsonl")
     write_table(evals, out / "eval.jsonl")
     write_table(scored[["id", "candidates", "sources", "scores"]].explode(["candidates", "sources", "scores"])
                 .rename(columns={"candidates": "candidate", "sources": "source", "scores": "score"}),
                 out / "scores.parquet")
-    summary = write_manifest(out / "summary.json", start, **summarize(args, scored, train, evals, scorer),
+    summary = write_manifest(out / "summary.json", start, **summarize(args, scored, train, evals, scorer, dropped),
                              seconds_pairs=round(time.time() - scored_at, 1), tokenizer=tokenizer_name,
                              max_text_tokens=args.max_text_tokens, config=asdict(args))
     plot_margins(train, evals, out / "margins.png", f"{args.strategy}, min_margin {args.min_margin}, "

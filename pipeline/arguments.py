@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from sizes import SIZES  # pipeline/sizes.py, beside this script
 
-STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "grpo", "predict",
-          "report")
+STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "control", "grpo",
+          "predict", "report")
 
 
 @dataclass
@@ -37,11 +37,28 @@ class PipelineArguments:
         "help": "Rounds of on-policy DPO. Round 1 is the dpo stage (from SFT); each further round (the iterate stage) "
                 "samples the previous round's adapter on fresh train triplets, pairs its samples by SCS against the "
                 "truth and trains DPO from that adapter (its reference)."})
+    dpo_reference: str = field(default="start", metadata={
+        "help": "Reference of DPO rounds 2..: 'start' (a frozen copy of the adapter the round starts from, TRL's "
+                "default) or 'sft' (the SFT adapter, so drift does not compound over rounds)."})
+    control: bool = field(default=False, metadata={
+        "help": "Also train the compute-matched control 'SFT, continued': the SFT adapter trained further on train "
+                "rows the DPO rounds did not sample, for the DPO stages' wall time, its checkpoints chosen on "
+                "validation like DPO's (docs/po_selection.md). Doubles the time of the PO part of the job."})
+    control_seconds: float | None = field(default=None, metadata={
+        "help": "Train the control this many seconds instead of the DPO stages' recorded wall time (smoke tests)."})
     mbr_candidates: int = field(default=0, metadata={
         "help": "N > 0: the predict stage also decodes the last DPO adapter (the iterate stage's, else dpo's) by MBR "
                 "over N samples, its greedy answer and the mean prompt (inference/predict.py --selection mbr)."})
     max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
+    validation_fraction: float = field(default=0.2, metadata={
+        "help": "Share of the remaining (non-held-out) prompt groups kept as validation: each DPO round's checkpoint "
+                "and interpolation is chosen on these rows, never on the held-out ones (docs/po_selection.md)."})
+    select_alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75], metadata={
+        "help": "Interpolations (1-α)·ΔW_SFT + α·ΔW_DPO scored on validation after each DPO round; none: no "
+                "interpolation."})
+    select_checkpoints: bool = field(default=True, metadata={
+        "help": "Also score each DPO round's checkpoints (every quarter of its steps) on validation."})
     split_by: str = field(default="cluster", metadata={
         "help": "Held-out groups: 'cluster' (near-duplicate prompts by scorer embedding stay together) or 'prompt'."})
     cluster_threshold: float = field(default=0.8, metadata={
@@ -51,6 +68,8 @@ class PipelineArguments:
     dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
     grpo_steps: int | None = field(default=None, metadata={"help": "Override the size's GRPO steps."})
     max_heldout: int | None = field(default=None, metadata={"help": "Override the size's held-out rows scored."})
+    max_validation: int | None = field(default=None, metadata={
+        "help": "Override the size's cap on validation rows scored per candidate (None: every validation row)."})
     candidate_triplets: int | None = field(default=None, metadata={
         "help": "Override the size's number of train triplets that get candidates (and so DPO pairs)."})
     bf16: str = field(default="auto", metadata={
@@ -71,6 +90,8 @@ class PipelineArguments:
     def __post_init__(self):
         if self.bf16 not in ("auto", "true", "false"):
             raise ValueError(f"bf16 must be auto, true or false, not {self.bf16!r}")
+        if self.dpo_reference not in ("start", "sft"):
+            raise ValueError(f"dpo_reference must be start or sft, not {self.dpo_reference!r}")
         if self.split_by not in ("cluster", "prompt"):
             raise ValueError(f"split_by must be cluster or prompt, not {self.split_by!r}")
         if self.size not in SIZES:
@@ -78,6 +99,8 @@ class PipelineArguments:
         unknown = set(self.force) - set(STAGES) - {"all"}
         if unknown:
             raise ValueError(f"unknown stage(s) in --force: {sorted(unknown)}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), not {self.validation_fraction}")
         if self.dpo_rounds < 1 or self.mbr_candidates < 0:
             raise ValueError("dpo_rounds must be >= 1 and mbr_candidates >= 0")
         if self.until not in STAGES:

@@ -28,11 +28,17 @@ ROWS = {
                                    "(reward/mean_prompt.py)"),
     "base": ("base model, zero-shot", "the untrained base model, greedy, asked for the prompt in the recovery format"),
     "sft": ("SFT adapter", "QLoRA/LoRA supervised fine-tuning on the train triplets (sft/train.py), greedy"),
-    "dpo": ("DPO adapter", "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py), greedy"),
+    "dpo": ("DPO adapter", "the SFT adapter trained further on SCS-ranked on-policy pairs (dpo/train.py); what ships "
+                           "is the round's validation pick among SFT, its checkpoints and SFT↔DPO interpolations "
+                           "(dpo/select_adapter.py), greedy"),
     "dpo_mean": ("DPO adapter + mean prompt", "the DPO adapter's prediction with the mean prompt appended, as top "
                                               "solutions did"),
-    "iterate": ("iterative DPO adapter", "further DPO rounds, each on the previous round's own samples of fresh train "
-                                         "triplets, from that adapter (pipeline --dpo_rounds), greedy"),
+    "iterate": ("iterative DPO adapter", "further DPO rounds, each on the previous round's pick's own samples of "
+                                         "fresh train triplets, from that pick, each round's pick chosen on "
+                                         "validation (pipeline --dpo_rounds), greedy"),
+    "control": ("SFT, continued (compute-matched)", "the SFT adapter trained further with the SFT recipe on train "
+                "rows no DPO round sampled, for the DPO stages' wall time; its checkpoint chosen on validation like "
+                "DPO's (pipeline --control)"),
     "grpo": ("GRPO adapter", "the SFT adapter trained online with the SCS reward on its own samples (dpo/grpo.py), "
                              "greedy"),
     "mbr": ("MBR decoding", "the last DPO adapter's greedy answer, N samples and the mean prompt; the one with the "
@@ -43,6 +49,7 @@ PRODUCED_BY = {"constant": (), "mean_prompt": ("split", "mean_prompt"), "base": 
                "sft": ("split", "sft", "predict"), "dpo": ("split", "sft", "candidates", "pairs", "dpo", "predict"),
                "dpo_mean": ("split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "predict"),
                "iterate": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "predict"),
+               "control": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "control", "predict"),
                "grpo": ("split", "sft", "grpo", "predict"),
                "mbr": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "predict")}
 
@@ -62,7 +69,7 @@ def predicted_rows(run_dir: Path) -> dict[str, dict]:
     paths = RunPaths(run_dir)
     if paths.predicted_rows.is_file():
         return json.loads(paths.predicted_rows.read_text())
-    return {row: {} for row in ("base", "sft", "dpo", "iterate", "grpo") if paths.prediction(row).is_file()}
+    return {row: {} for row in ("base", "sft", "dpo", "iterate", "control", "grpo") if paths.prediction(row).is_file()}
 
 
 def comparison_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, str]]:
@@ -186,6 +193,48 @@ def ran_on(run_dir: Path) -> dict:
     return describe_environment(training_dtype=training, generation_dtype=generation)
 
 
+def selection_lines(run_dir: Path) -> list[str]:
+    """The report's section on the choices made on validation: every DPO round's candidates and its pick."""
+    found = sorted(Path(run_dir).glob("dpo/selected/selection.json")) + sorted(
+        Path(run_dir).glob("iterate/round*/dpo/selected/selection.json"))
+    if not found:
+        return []
+    md = ["Choices made on validation rows (never on the held-out rows above), per DPO round "
+          "(dpo/select_adapter.py; rule fixed in docs/po_selection.md):", "",
+          "| round | candidate | validation SCS | − SFT, paired (95% CI) | top opening word (share; SFT's) | |",
+          "|---|---|---:|---|---|---|"]
+    for path in found:
+        sel = json.loads(path.read_text())
+        where = path.parents[2].name if path.parents[2].name.startswith("round") else "round1"
+        for row in sel["validation"]:
+            d = row.get("drift", {})
+            md.append(f"| {where} | {row['name']} | {row['mean']:.4f} | {row['diff_vs_sft']:+.4f} "
+                      f"({row['ci_low']:+.3f} … {row['ci_high']:+.3f}) | {d.get('top_word', '?')} "
+                      f"({d.get('top_share', 0):.0%}; {d.get('reference', {}).get('top_share', 0):.0%}) | "
+                      f"{'**picked**' if row['name'] == sel['picked'] else ''} |")
+        md.append(f"| {where} | {sel['n_validation']} validation rows, {sel['seconds_per_candidate']:.0f} s a "
+                  f"candidate | | | | {sel['reason']} |")
+    return md + [""]
+
+
+def drift_lines(rows: list[dict]) -> list[str]:
+    """Opening-word drift of each greedy row's held-out predictions against SFT's (docs/po_selection.md's flag)."""
+    from promptrec.drift import drift_summary
+
+    by_id = {r["id"]: r for r in rows}
+    if "sft" not in by_id:
+        return []
+    out = []
+    for r in rows:
+        if r["id"] in ("dpo", "iterate", "control", "grpo", "mbr"):
+            d = r["drift"] = drift_summary(r["predictions"], by_id["sft"]["predictions"])
+            out.append(f"- {r['method']}: top opening '{d['top_word']}' in {d['top_share']:.0%} of answers (SFT's "
+                       f"top: '{d['reference']['top_word']}' {d['reference']['top_share']:.0%}); entropy "
+                       f"{d['entropy_nats']:.2f} nats (SFT {d['reference']['entropy_nats']:.2f})"
+                       f"{' — DRIFT: more than twice SFT' if d['doubled'] else ''}")
+    return ["Opening words of the held-out answers:", "", *out, ""] if out else []
+
+
 def _fmt_diff(r: dict) -> str:
     return "—" if r["vs_sft"] is None else f"{r['vs_sft']:+.4f} ({r['vs_sft_low']:+.3f} … {r['vs_sft_high']:+.3f})"
 
@@ -221,7 +270,9 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
               f"rewrites generated by `{data.get('generator', data['model'])}` ({data.get('rewrite_recipe')})")
     groups = row_groups(truth)
     comparisons = {}  # "a − b" (row ids) → paired mean difference and its 95% CI
+    last_po = "iterate" if "iterate" in by_id else "dpo"
     pairs = [("sft", "base")] + ([("mbr", predicted_rows(run_dir)["mbr"]["greedy"])] if "mbr" in by_id else [])
+    pairs += [(last_po, "control")] if "control" in by_id and last_po in by_id else []  # more PO or more SFT?
     for a, b in pairs:
         comparisons[f"{a} − {b}"] = paired(np.array(by_id[a]["scores"]), np.array(by_id[b]["scores"]), groups)
     environment = ran_on(run_dir)
@@ -235,7 +286,8 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
           table, "", *[f"{labels[a]} − {labels[b]}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
                        for (a, b), (m, lo, hi) in zip(pairs, comparisons.values())], "", "What each row is:", ""]
     md += [f"- **{r['method']}**: {ROWS[r['id']][1]}" for r in rows]
-    md += ["", *provenance_lines(stages, rows), "![mean SCS per method](report.png)", ""]
+    md += ["", *selection_lines(run_dir), *drift_lines(rows), *provenance_lines(stages, rows),
+           "![mean SCS per method](report.png)", ""]
     if "prompt_category" in truth.columns:
         last = "iterate" if "iterate" in by_id else "dpo"  # the last DPO round
         md += [f"One held-out row per prompt category (true prompt → SFT / {labels[last]} predictions):", "",

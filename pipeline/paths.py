@@ -19,10 +19,12 @@ class RunPaths:
         self.timings = r / "timings.json"
         self.triplets = r / "rewrite" / "triplets.parquet"
         self.train, self.heldout = r / "split" / "train.parquet", r / "split" / "heldout.parquet"
+        self.validation = r / "split" / "validation.parquet"  # choices of the PO stages are made here (issue 23)
         self.test_csv, self.truth_csv = r / "split" / "test.csv", r / "split" / "truth.csv"
         self.mean_prompt = r / "mean_prompt" / "mean_prompt.json"
         self.sft, self.candidates, self.pairs, self.dpo, self.grpo = (r / s for s in
                                                                      ("sft", "candidates", "pairs", "dpo", "grpo"))
+        self.control = r / "control"  # "SFT, continued": the compute-matched control of the DPO stages
         self.predict = r / "predict"
         self.predicted_rows = r / "predict" / "rows.json"  # what the predict stage decoded, per report row id
         self.report_md, self.report_json = r / "report.md", r / "report.json"
@@ -34,9 +36,14 @@ class RunPaths:
         """Round ``r`` >= 2 of on-policy DPO (the iterate stage); round 1 is the dpo stage."""
         return self.root / "iterate" / f"round{r}"
 
+    @staticmethod
+    def selected(po_run: Path) -> Path:
+        """What a DPO round ships: the adapter its select step chose on validation (dpo/select_adapter.py)."""
+        return Path(po_run) / "selected"
+
     def last_dpo(self, rounds: int) -> Path:
-        """The adapter of the last DPO round: the iterate stage's last, or the dpo stage's."""
-        return self.round(rounds) / "dpo" if rounds > 1 else self.dpo
+        """What the last DPO round shipped: the iterate stage's last round's pick, or the dpo stage's."""
+        return self.selected(self.round(rounds) / "dpo" if rounds > 1 else self.dpo)
 
     def prediction(self, row: str) -> Path:
         return self.predict / f"{row}.csv"

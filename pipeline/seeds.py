@@ -34,6 +34,9 @@ class SeedArguments:
         "help": "Run folders of pipeline/run.py that share the held-out split (predict/ and split/ in each)."})
     methods: list[str] = field(default_factory=lambda: ["dpo", "iterate", "grpo"], metadata={
         "help": "Report row ids to compare with the SFT adapter: dpo, dpo_mean, iterate, grpo, mbr, base…"})
+    baseline: str = field(default="sft", metadata={
+        "help": "The row each method is paired against: sft, or e.g. control (SFT continued for the same time: "
+                "docs/po_selection.md's secondary statistic)."})
     known: list[str] = field(default_factory=list, metadata={
         "help": "Runs given as numbers, 'LABEL: ROW=DIFF, ROW=DIFF' (a report row's − SFT difference, e.g. "
                 "'42: dpo=-0.0129')."})
@@ -69,8 +72,9 @@ def parse_known(entry: str) -> tuple[str, dict[str, float]]:
     return label.strip(), values
 
 
-def run_scores(runs: list[str], scorer, methods=()) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Per run: row id → per-row SCS on the held-out rows (the SFT adapter and the rows named by ``methods``);
+def run_scores(runs: list[str], scorer, methods=(), baseline: str = "sft"
+               ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Per run: row id → per-row SCS on the held-out rows (the ``baseline`` row and the rows named by ``methods``);
     and the rows' prompt clusters. The runs must hold the same held-out rows in the same order (same split), else
     :class:`DataError` names the first run that differs."""
     per_run, ids, groups = [], None, None
@@ -80,26 +84,27 @@ def run_scores(runs: list[str], scorer, methods=()) -> tuple[list[dict[str, np.n
             ids, groups = list(truth["id"]), row_groups(truth)
         elif list(truth["id"]) != ids:
             raise DataError(f"{run}: its held-out rows differ from {runs[0]}'s; compare runs of one split only")
-        wanted = {row: preds for row, preds in predictions.items() if row == "sft" or row in methods}
+        wanted = {row: preds for row, preds in predictions.items() if row in (baseline, *methods)}
         per_run.append({name: scorer.score(preds, list(truth["rewrite_prompt"])) for name, preds in wanted.items()})
     return per_run, groups
 
 
 def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -> list[dict]:
-    """Per method: each run's paired difference to SFT, the across-run t-interval, the seed-averaged rows."""
-    known = [parse_known(k) for k in args.known]
+    """Per method: each run's paired difference to the baseline (SFT), the across-run t-interval, the seed-averaged
+    rows."""
+    known, base = [parse_known(k) for k in args.known], args.baseline
     results = []
     for method in args.methods:
         runs = [{"run": Path(label).name, **dict(zip(("diff", "low", "high"),
-                                                  paired(scores[method], scores["sft"], groups)))}
-                for label, scores in zip(args.runs, per_run) if method in scores]
+                                                  paired(scores[method], scores[base], groups)))}
+                for label, scores in zip(args.runs, per_run) if method in scores and base in scores]
         runs += [{"run": label, "diff": values[method], "low": None, "high": None}
                  for label, values in known if method in values]
         if len(runs) < 2:
             continue
-        rows = [s[method] - s["sft"] for s in per_run if method in s]
+        rows = [s[method] - s[base] for s in per_run if method in s and base in s]
         pooled = paired(np.mean(rows, axis=0), np.zeros(len(rows[0])), groups) if rows else (None, None, None)
-        results.append({"method": method, "runs": runs,
+        results.append({"method": method, "baseline": base, "runs": runs,
                         "across_runs": dict(zip(("mean", "low", "high"), t_interval([r["diff"] for r in runs]))),
                         "row_average": dict(zip(("mean", "low", "high"), pooled), n_runs=len(rows))})
     return results
@@ -109,7 +114,8 @@ def markdown(results: list[dict]) -> str:
     def ci(low, high):
         return "" if low is None or (isinstance(low, float) and math.isnan(low)) else f" ({low:+.3f} … {high:+.3f})"
 
-    lines = ["| method | run | − SFT, paired (95% CI) |", "|---|---|---|"]
+    base = results[0].get("baseline", "sft") if results else "sft"
+    lines = [f"| method | run | − {base}, paired (95% CI) |", "|---|---|---|"]
     for r in results:
         lines += [f"| {r['method']} | {x['run']} | {x['diff']:+.4f}{ci(x['low'], x['high'])} |" for x in r["runs"]]
         a, p = r["across_runs"], r["row_average"]
@@ -124,14 +130,15 @@ def markdown(results: list[dict]) -> str:
 def main(args: SeedArguments) -> list[dict]:
     from promptrec.scoring import Scorer
 
-    per_run, groups = run_scores(args.runs, Scorer(args.scorer), args.methods)
+    per_run, groups = run_scores(args.runs, Scorer(args.scorer), args.methods, args.baseline)
     results = compare(args, per_run, groups)
     if not results:
         raise DataError(f"none of {args.methods} is in two or more runs")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
-    (out / "seeds.md").write_text("# Across seeds: − SFT per run and over runs\n\n" + table, encoding="utf-8")
+    (out / "seeds.md").write_text(f"# Across seeds: − {args.baseline} per run and over runs\n\n" + table,
+                                  encoding="utf-8")
     write_json({"results": results, "config": asdict(args)}, out / "seeds.json")
     print(table, flush=True)
     return results

@@ -103,23 +103,29 @@ def split(job: Job) -> list[Step]:
 
     def run():
         from promptrec.scoring import Scorer
-        from promptrec.splits import split_frame, with_prompt_clusters
+        from promptrec.splits import three_way_split, with_prompt_clusters
 
         df, _ = read_triplets(str(p.triplets))
         if a.split_by == "cluster":
             df = with_prompt_clusters(df, Scorer(a.scorer).encode, a.cluster_threshold)
         # salted: the stages split this train side again (by prompt, same seed) for their own eval rows
-        train, heldout = split_frame(df, a.heldout_fraction, by=a.split_by, seed=a.seed, salt="heldout")
+        train, validation, heldout = three_way_split(df, a.heldout_fraction, a.validation_fraction, a.split_by,
+                                                     a.seed)
         heldout = heldout.sample(frac=1.0, random_state=a.seed).head(job.knob("max_heldout"))
         write_table(train, p.train)
+        cap = job.knob("max_validation")  # a seeded sample of the validation rows (tiny runs); None: all of them
+        validation = validation.sample(frac=1.0, random_state=a.seed).head(cap) if cap else validation
+        write_table(validation, p.validation)
         write_table(heldout, p.heldout)
         write_table(heldout[["id", "original_text", "rewritten_text"]], p.test_csv)
         write_table(heldout[["id", "rewrite_prompt"]], p.truth_csv)
-        logger.info("Split by %s: %d train rows, %d held-out rows (%d held-out prompts)", a.split_by, len(train),
-                    len(heldout), heldout.rewrite_prompt.nunique())
+        logger.info("Split by %s: %d train rows, %d validation rows (%d prompts), %d held-out rows (%d prompts)",
+                    a.split_by, len(train), len(validation), validation.rewrite_prompt.nunique(), len(heldout),
+                    heldout.rewrite_prompt.nunique())
 
     settings = {"split_by": a.split_by, "cluster_threshold": str(a.cluster_threshold), "scorer": a.scorer,
                 "heldout_fraction": str(a.heldout_fraction), "max_heldout": str(job.knob("max_heldout")),
+                "validation_fraction": str(a.validation_fraction), "max_validation": str(job.knob("max_validation")),
                 "seed": str(a.seed)}
     return [Step("", settings, run)]
 
@@ -157,13 +163,32 @@ def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "") -> Ste
                       *job.seed, name=name, out=out if name else None)
 
 
-def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str = "") -> Step:
-    a = job.args
+def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str, reference: Path | None = None) -> Step:
+    a, steps = job.args, job.knob("dpo_steps")
+    # a checkpoint every quarter of the steps: the select step scores each on validation
+    keep = ["--save_strategy", "steps", "--save_steps", max(1, -(-steps // 4)), "--save_total_limit", 4]
     return job.script("dpo", "dpo/train.py", "--config", a.dpo_recipe, "--sft_adapter", start, "--train_pairs",
-                      pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps",
-                      job.knob("dpo_steps"), "--scorer", a.scorer, "--output_dir", out, "--max_eval_pairs",
-                      job.knob("eval_samples"), "--eval_scs_samples", job.knob("eval_samples"), *a.training_cli(),
-                      *job.seed, name=name, out=out if name else None)
+                      pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps", steps,
+                      "--scorer", a.scorer, "--output_dir", out, "--max_eval_pairs", job.knob("eval_samples"),
+                      "--eval_scs_samples", job.knob("eval_samples"), *(keep if a.select_checkpoints else []),
+                      *(["--ref_adapter", reference] if reference else []), *a.training_cli(), *job.seed,
+                      name=name, out=out)
+
+
+def select_step(job: Job, po_run: Path, start: Path, name: str) -> Step:
+    """Score SFT, the start adapter, the round's checkpoints and interpolations on validation; ship the best
+    (dpo/select_adapter.py) into ``<po_run>/selected``."""
+    a, p = job.args, job.paths
+    return job.script("select", "dpo/select_adapter.py", "--sft_adapter", p.sft, "--po_run", po_run,
+                      *(["--start_adapter", start] if start != p.sft else []), "--validation", p.validation,
+                      "--mean_prompt", p.mean_prompt, "--scorer", a.scorer, "--alphas",
+                      ",".join(f"{x:g}" for x in a.select_alphas), "--checkpoints", str(a.select_checkpoints).lower(),
+                      "--output_dir", p.selected(po_run), *job.seed, name=name, out=p.selected(po_run))
+
+
+def dpo(job: Job) -> list[Step]:
+    p = job.paths
+    return [dpo_step(job, p.dpo, p.sft, p.pairs, "dpo"), select_step(job, p.dpo, p.sft, "select")]
 
 
 def iterate(job: Job) -> list[Step]:
@@ -171,7 +196,8 @@ def iterate(job: Job) -> list[Step]:
     round's adapter on train triplets no earlier round used, and starts DPO from that adapter."""
     if job.args.dpo_rounds < 2:
         return [Step("", {"dpo_rounds": "1"}, lambda: print("dpo_rounds 1: no further DPO round", flush=True))]
-    p, steps, previous = job.paths, [], job.paths.dpo
+    p, steps, previous = job.paths, [], job.paths.selected(job.paths.dpo)
+    reference = p.sft if job.args.dpo_reference == "sft" else None
     for r in range(2, job.args.dpo_rounds + 1):
         rd = p.round(r)
         steps.append(Step(f"round{r}/triplets", {"round": str(r)}, lambda r=r: fresh_triplets(job, r),
@@ -179,8 +205,9 @@ def iterate(job: Job) -> list[Step]:
         steps.append(candidates_step(job, rd / "candidates", previous, rd / "triplets.parquet",
                                      f"round{r}/candidates"))
         steps.append(pairs_step(job, rd / "pairs", rd / "candidates", f"round{r}/pairs"))
-        steps.append(dpo_step(job, rd / "dpo", previous, rd / "pairs", f"round{r}/dpo"))
-        previous = rd / "dpo"
+        steps.append(dpo_step(job, rd / "dpo", previous, rd / "pairs", f"round{r}/dpo", reference))
+        steps.append(select_step(job, rd / "dpo", previous, f"round{r}/select"))
+        previous = p.selected(rd / "dpo")
     return steps
 
 
@@ -198,6 +225,73 @@ def fresh_triplets(job: Job, r: int) -> None:
     write_table(fresh, p.round(r) / "triplets.parquet")
 
 
+PO_STAGES = ("candidates", "pairs", "dpo", "iterate")  # the preference-optimisation arm the control is matched to
+
+
+def po_seconds(job: Job) -> float | None:
+    """Wall time of the DPO arm (sampling, pairing, training and selection of every round), from the stage records;
+    None while one of them has not finished."""
+    import json
+
+    total = 0.0
+    for name in PO_STAGES:
+        record = job.paths.stage(name) / "stage.json"
+        data = json.loads(record.read_text()) if record.is_file() else {}
+        if data.get("status") != "done" or data.get("seconds") is None:
+            return None
+        total += float(data["seconds"])
+    return total
+
+
+def po_rows(job: Job) -> list[Path]:
+    """The train triplets the DPO rounds sampled (round 1's candidates and each later round's)."""
+    p = job.paths
+    return [p.candidates / "triplets.parquet", *(p.round(r) / "candidates" / "triplets.parquet" for r in
+                                                  range(2, job.args.dpo_rounds + 1))]
+
+
+def control(job: Job) -> list[Step]:
+    """'SFT, continued' (docs/po_selection.md): the SFT adapter trained further with the SFT recipe on train rows no
+    DPO round sampled, for as long as the DPO arm took (``po_seconds``), a checkpoint every quarter of the steps that
+    time allows at SFT's pace, then the same validation selection as DPO's (checkpoints, no interpolation)."""
+    a, p = job.args, job.paths
+    if not a.control:
+        return [Step("", {"control": "off"}, lambda: print("control off: no compute-matched SFT", flush=True))]
+    seconds = a.control_seconds or po_seconds(job)
+    if seconds is None:  # a dry run before the DPO arm ran
+        return [Step("", {"control": "after the DPO stages"}, lambda: None)]
+    pace = sft_seconds_per_step(job)
+    steps = max(4, int(seconds / pace * 1.5))  # the time limit stops it; max_steps only bounds it
+    exclude = p.control / "po_rows.parquet"
+
+    def used():
+        import pandas as pd
+
+        write_table(pd.concat([pd.read_parquet(f)[["id"]] for f in po_rows(job)]), exclude)
+
+    keep = ["--save_strategy", "steps", "--save_steps", max(1, int(seconds / pace / 4)), "--save_total_limit", 4]
+    train = job.script("control", "sft/train.py", "--config", a.sft_recipe, "--init_adapter", p.sft, "--triplets",
+                       p.train, "--max_text_tokens", a.max_text_tokens, "--exclude_ids", exclude,
+                       "--max_train_seconds", round(seconds, 1), "--max_steps",
+                       steps, "--lr_scheduler_type", "constant", "--warmup_steps", 0, "--scorer", a.scorer,
+                       "--output_dir", p.control, "--max_eval_samples", job.knob("eval_samples"),
+                       "--eval_scs_samples", job.knob("eval_samples"), *keep, *a.training_cli(), *job.seed,
+                       name="sft_continued", out=p.control)
+    select = job.script("control", "dpo/select_adapter.py", "--sft_adapter", p.sft, "--po_run", p.control,
+                        "--validation", p.validation, "--mean_prompt", p.mean_prompt, "--scorer", a.scorer,
+                        "--alphas", "", "--output_dir", p.selected(p.control), *job.seed, name="select",
+                        out=p.selected(p.control))
+    return [Step("po_rows", {"dpo_rounds": str(a.dpo_rounds)}, used), train, select]
+
+
+def sft_seconds_per_step(job: Job) -> float:
+    """SFT's training seconds per optimizer step (its metrics.json): the pace the control's checkpoints follow."""
+    import json
+
+    train = json.loads((job.paths.sft / "metrics.json").read_text()).get("train", {})
+    return float(train.get("train_runtime", 1.0)) / max(1, int(train.get("global_step", 1) or 1))
+
+
 def grpo(job: Job) -> list[Step]:
     a = job.args
     if not a.grpo_recipe:
@@ -210,8 +304,9 @@ def grpo(job: Job) -> list[Step]:
 def predicted_adapters(job: Job) -> dict[str, Path | None]:
     """Report row id → the adapter the predict stage decodes greedily (None: the base model zero-shot)."""
     a, p = job.args, job.paths
-    rows = {"base": None, "sft": p.sft, "dpo": p.dpo}
+    rows = {"base": None, "sft": p.sft, "dpo": p.selected(p.dpo)}  # each DPO row: the round's validation pick
     rows |= {"iterate": p.last_dpo(a.dpo_rounds)} if a.dpo_rounds > 1 else {}
+    rows |= {"control": p.selected(p.control)} if a.control else {}
     return rows | ({"grpo": p.grpo} if a.grpo_recipe else {})
 
 
@@ -255,7 +350,8 @@ def _predictions(job: Job) -> list[Path]:
 
 STAGE_TABLE = (
     Stage("rewrite", rewrite_inputs, rewrite, lambda j: [j.paths.triplets]),
-    Stage("split", lambda j: [j.paths.triplets], split, lambda j: [j.paths.train, j.paths.heldout, j.paths.test_csv]),
+    Stage("split", lambda j: [j.paths.triplets], split,
+          lambda j: [j.paths.train, j.paths.validation, j.paths.heldout, j.paths.test_csv]),
     Stage("mean_prompt", lambda j: [j.paths.train], mean_prompt, lambda j: [j.paths.mean_prompt]),
     Stage("sft", lambda j: [j.paths.train], sft, lambda j: _adapter(j, j.paths.sft)),
     Stage("candidates", lambda j: [j.paths.train, j.paths.mean_prompt, *_adapter(j, j.paths.sft)],
@@ -264,11 +360,15 @@ STAGE_TABLE = (
     Stage("pairs", lambda j: [j.paths.candidates / "candidates.parquet"],
           lambda j: [pairs_step(j, j.paths.pairs, j.paths.candidates)],
           lambda j: [j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"]),
-    Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"],
-          lambda j: [dpo_step(j, j.paths.dpo, j.paths.sft, j.paths.pairs)], lambda j: _adapter(j, j.paths.dpo)),
+    Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl",
+                            j.paths.validation, j.paths.mean_prompt], dpo,
+          lambda j: _adapter(j, j.paths.selected(j.paths.dpo))),
     Stage("iterate", lambda j: [j.paths.train, j.paths.mean_prompt, j.paths.candidates / "triplets.parquet",
-                                *_adapter(j, j.paths.dpo)] if j.args.dpo_rounds > 1 else [], iterate,
+                                *_adapter(j, j.paths.selected(j.paths.dpo))] if j.args.dpo_rounds > 1 else [], iterate,
           lambda j: _adapter(j, j.paths.last_dpo(j.args.dpo_rounds)) if j.args.dpo_rounds > 1 else []),
+    Stage("control", lambda j: [j.paths.train, j.paths.validation, *_adapter(j, j.paths.sft), *po_rows(j)]
+          if j.args.control else [], control,
+          lambda j: _adapter(j, j.paths.selected(j.paths.control)) if j.args.control else []),
     Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo,
           lambda j: _adapter(j, j.paths.grpo) if j.args.grpo_recipe else []),
     Stage("predict", lambda j: [j.paths.test_csv, j.paths.mean_prompt, *(

@@ -15,7 +15,8 @@ from promptrec.run_config import RunConfig, read_run_config
 from promptrec.tables import write_json
 
 # stage → (method name, the section of run_config.json holding its trainer's resolved settings)
-METHODS = {"sft": ("SFT", "SFTConfig"), "dpo": ("DPO", "DPOConfig"), "grpo": ("GRPO", "GRPOConfig")}
+METHODS = {"sft": ("SFT", "SFTConfig"), "sft_continued": ("SFT, continued", "SFTConfig"),
+           "dpo": ("DPO", "DPOConfig"), "grpo": ("GRPO", "GRPOConfig")}
 TASK = ("**Task.** Given an original text and its rewrite by an LLM, recover the rewrite prompt that produced it "
         "(Kaggle's LLM Prompt Recovery). An answer is scored by SCS: the cosine similarity of the sentence-t5-base "
         "embeddings of the recovered and the true prompt, cubed.")
@@ -65,7 +66,7 @@ def _method(config: RunConfig) -> str:
         loss = training["loss_type"]
         settings.append("loss " + " + ".join(loss if isinstance(loss, list) else [loss]))
     adapter = f"a LoRA adapter ({'; '.join(shape)})" if shape else "a LoRA adapter"
-    further = ", trained further from the SFT adapter" if config.stage in ("dpo", "grpo") else ""
+    further = ", trained further from the SFT adapter" if config.stage in ("dpo", "grpo", "sft_continued") else ""
     return f"**Method.** {name} (TRL) of {adapter}{further}: {', '.join(settings) or 'settings not recorded'}."
 
 

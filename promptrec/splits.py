@@ -81,3 +81,15 @@ def split_frame(df: pd.DataFrame, eval_fraction: float, by: str = "id", seed: in
     ``prompt_cluster`` for ``by="cluster"``)."""
     mask = eval_mask(df, eval_fraction, by, seed, salt)
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def three_way_split(df: pd.DataFrame, heldout_fraction: float, validation_fraction: float, by: str = "id",
+                    seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(train, validation, test)``, disjoint by ``by`` group. Test is what a two-way split with salt ``heldout``
+    holds out (so adding a validation side leaves the test rows as they were); validation is ``validation_fraction``
+    of the remaining groups (salt ``validation``); train is the rest. ``validation_fraction`` 0: no validation rows."""
+    train, test = split_frame(df, heldout_fraction, by=by, seed=seed, salt="heldout")
+    if validation_fraction <= 0:
+        return train, train.iloc[:0], test
+    train, validation = split_frame(train, validation_fraction, by=by, seed=seed, salt="validation")
+    return train, validation, test

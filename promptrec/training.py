@@ -8,7 +8,9 @@
 * **Eval**: :func:`scs_eval` generates a prompt per eval triplet (greedy, sharded over processes) and scores it by SCS.
 * **The run contract**: the SFT run writes its :class:`~promptrec.run_config.RunConfig` (:func:`sft_run_config`) and
   its train/eval triplets; DPO and GRPO take the model settings from it (:class:`InheritedModelConfig`,
-  :func:`inherit_from_sft`) and their rows from its folder (:func:`sft_eval_triplets`).
+  :func:`inherit_from_sft`) and their rows from its folder (:func:`sft_eval_triplets`); so does an SFT run that
+  continues another (``sft/train.py --init_adapter``, :func:`inherit_from_run`).
+* **Time limit**: :class:`TimeLimit` ends training after a given wall time (the compute-matched control).
 * **Saving**: :func:`save_run` writes ``checkpoints/<stage>/<run>/``: adapter, tokenizer, ``run_config.json``,
   ``metrics.json``, ``curves.png``, the model card ``README.md`` and the SFT run's triplets (carried on).
 """
@@ -20,11 +22,14 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import TrainerCallback
 from trl import ModelConfig
 
 from promptrec.cli import asdict_all
@@ -109,12 +114,31 @@ def inherit_from_sft(script_args: FromSFTArguments, model_args: ModelConfig) -> 
     """The SFT run's :class:`RunConfig` (``script_args.sft_adapter``), with the unset (None) :data:`INHERITED` fields
     of ``model_args`` and ``script_args.max_text_tokens`` filled from it. A value given that contradicts the SFT
     run's raises :class:`DataError` naming both, unless ``script_args.allow_config_override``."""
-    sft = read_run_config(script_args.sft_adapter)
-    where, allow = str(Path(script_args.sft_adapter) / RUN_CONFIG), script_args.allow_config_override
+    return inherit_from_run(script_args.sft_adapter, script_args, model_args)
+
+
+def inherit_from_run(run_dir: str, script_args, model_args, unset: dict | None = None) -> RunConfig:
+    """The :class:`RunConfig` of ``run_dir``, with the :data:`INHERITED` fields of ``model_args`` and
+    ``script_args.max_text_tokens`` that are unset filled from it, as :func:`inherit_from_sft` does. Unset means None,
+    or equal to its value in ``unset`` (for parsers whose fields default to a value, not None: sft/train.py's TRL
+    ``ModelConfig``; :func:`declared_defaults`). A value given that contradicts the run's raises :class:`DataError`
+    naming both, unless ``script_args.allow_config_override``."""
+    run = read_run_config(run_dir)
+    where, allow, unset = str(Path(run_dir) / RUN_CONFIG), script_args.allow_config_override, unset or {}
+
+    def given(args, name):
+        value = getattr(args, name)
+        return None if name in unset and value == unset[name] else value
+
     for name in INHERITED:
-        setattr(model_args, name, sft.agree(name, getattr(model_args, name), allow, where))
-    script_args.max_text_tokens = sft.agree("max_text_tokens", script_args.max_text_tokens, allow, where)
-    return sft
+        setattr(model_args, name, run.agree(name, given(model_args, name), allow, where))
+    script_args.max_text_tokens = run.agree("max_text_tokens", given(script_args, "max_text_tokens"), allow, where)
+    return run
+
+
+def declared_defaults(*dataclass_types) -> dict:
+    """``{field name: default}`` of the dataclasses' fields that declare a plain default (later types win)."""
+    return {f.name: f.default for cls in dataclass_types for f in dataclasses.fields(cls) if f.default is not MISSING}
 
 
 def sft_eval_triplets(script_args: FromSFTArguments) -> pd.DataFrame | None:
@@ -187,10 +211,25 @@ def load_base(model_args, adapter: str | None = None, is_trainable: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def read_split_triplets(path: str, producers=(), max_samples: int | None = None, seed: int = 0) -> pd.DataFrame:
+def read_split_triplets(path: str, producers=(), max_samples: int | None = None, seed: int = 0,
+                        exclude_ids: str | None = None) -> pd.DataFrame:
     """Triplets (``id, original_text, rewrite_prompt, rewritten_text``) via :func:`promptrec.triplets.read_triplets`,
-    with the drop counts logged."""
-    df, counts = read_triplets(path, producers=producers, limit=max_samples, seed=seed)
+    with the drop counts logged. ``exclude_ids`` names a table with an ``id`` column: those triplets are dropped
+    before the ``max_samples`` sample is drawn (so the sample is of the rows that remain)."""
+    if exclude_ids is None:
+        df, counts = read_triplets(path, producers=producers, limit=max_samples, seed=seed)
+    else:
+        df, counts = read_triplets(path, producers=producers, seed=seed)
+        excluded = set(read_table(exclude_ids, required=("id",))["id"].astype(str))
+        keep = ~df["id"].isin(excluded)
+        counts["excluded"] = int((~keep).sum())
+        df = df[keep]
+        if max_samples and max_samples < len(df):  # read_triplets' own sampling rule, on the rows left
+            df = df.sample(n=max_samples, random_state=seed).sort_index()
+        counts["kept"] = len(df)
+        df = df.reset_index(drop=True)
+        if df.empty:
+            raise DataError(f"{path}: no triplets left after excluding the ids in {exclude_ids}")
     logger.info("Triplets from %s: %s", path, counts)
     return df
 
@@ -315,6 +354,49 @@ def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapt
     return result
 
 
+# ------------------------------------------------------------------------------------------------ time limit
+class TimeLimit(TrainerCallback):
+    """Ends training once ``seconds`` of wall time have passed since it began (``on_train_begin``; loading the model
+    and data is not counted), checked at each optimizer step's end: the trainer stops as after its last step and the
+    script evaluates and saves as usual. :meth:`summary` says how long it ran and the global step it reached.
+    ``clock`` is for tests. With several processes the ranks agree (any rank past the limit stops all), so none is
+    left waiting in a collective the others have quit."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.start: float | None = None
+        self.elapsed, self.steps, self.stopped = 0.0, 0, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = self.clock()
+        self.elapsed, self.steps = self.clock() - self.start, state.global_step
+        if _on_any_rank(self.elapsed >= self.seconds, args):
+            control.should_training_stop = self.stopped = True
+            logger.info("Time limit: %.1f s >= %g s at step %d, training stops", self.elapsed, self.seconds,
+                        state.global_step)
+        return control
+
+    def summary(self) -> dict:
+        """``max_train_seconds``, the ``seconds`` trained (to the last step's end), the global ``steps`` reached and
+        whether the limit ``stopped`` training (False: it ended by max_steps or epochs first)."""
+        return {"max_train_seconds": self.seconds, "seconds": round(self.elapsed, 3), "steps": self.steps,
+                "stopped": self.stopped}
+
+
+def _on_any_rank(flag: bool, args) -> bool:
+    """``flag`` on one process; its OR over all processes under torch.distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor(float(flag), device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 # ---------------------------------------------------------------------------------------------------- saving
 def resolve_resume(training_args) -> str | None:
     """``resume_from_checkpoint``: a checkpoint dir, or ``last``/``true`` = the newest in ``output_dir`` (None when
@@ -361,12 +443,14 @@ def sft_run_config(script_args, training_args, model_args, model, tokenizer, lor
 
 
 def continued_run_config(stage: str, sft: RunConfig, script_args, training_args, model_args,
-                         trained_on: str | None) -> RunConfig:
-    """The :class:`RunConfig` of a run that continued the SFT run ``sft`` (DPO, GRPO): the SFT run's, with this run's
-    model settings (the SFT run's unless overridden), its stage and what it trained on besides the SFT data."""
-    sections = run_sections(script_args, training_args, model_args, sft_run=sft.to_dict())
+                         trained_on: str | None, data: TrainingData | None = None, **extra) -> RunConfig:
+    """The :class:`RunConfig` of a run that continued the SFT run ``sft`` (DPO, GRPO, SFT continued): the SFT run's,
+    with this run's model settings (the SFT run's unless overridden), its stage, what it trained on besides the SFT
+    data, its own ``data`` when it split triplets itself (SFT continued), and ``extra`` top-level keys."""
+    sections = run_sections(script_args, training_args, model_args, sft_run=sft.to_dict(), **extra)
     return dataclasses.replace(sft, stage=stage, **_model_fields(model_args), trained_on=trained_on,
                                max_text_tokens=script_args.max_text_tokens, sections=sections,
+                               data=data or sft.data,
                                base_model_id=hub_id(model_args.model_name_or_path) or sft.base_model_id)
 
 
@@ -395,6 +479,7 @@ def save_run(trainer, config: RunConfig, metrics: dict, panels: list[tuple[str, 
     on every rank (collective under DeepSpeed)."""
     out = Path(trainer.args.output_dir)
     trainer.save_model(str(out))
+    metrics.setdefault("train", {})["global_step"] = trainer.state.global_step  # the step of the saved adapter
     if trainer.accelerator.is_main_process:
         # DPOTrainer keeps a frozen copy of the SFT adapter named "ref" as its reference; PEFT saves every
         # adapter, so drop that copy: the run's adapter is the trained "default" one at the folder's root.

@@ -53,15 +53,23 @@ class KillAt(TrainerCallback):
 
 
 trainer_cls = getattr(trl, {trainer!r})
-setattr(trl, {trainer!r}, lambda *a, **k: trainer_cls(*a, callbacks=[KillAt()], **k))
+init = trainer_cls.__init__
+
+
+def init_with_kill(self, *args, **kwargs):  # patched in place: scripts may subclass it or pass their own callbacks
+    init(self, *args, **kwargs)
+    self.add_callback(KillAt())
+
+
+trainer_cls.__init__ = init_with_kill
 sys.argv = [{script!r}, *{argv!r}]
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
 def run_killed_at_step(script: str, trainer: str, argv: list[str], step: int):
-    """Run ``python script *argv`` in a child process whose ``trl.<trainer>`` SIGKILLs it at the end of training
-    step ``step``; returns the ``CompletedProcess`` (returncode -9 when the kill came)."""
+    """Run ``python script *argv`` in a child process where every ``trl.<trainer>`` (subclasses included) SIGKILLs it
+    at the end of training step ``step``; returns the ``CompletedProcess`` (returncode -9 when the kill came)."""
     import subprocess
     import sys
 

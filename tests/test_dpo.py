@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from stage_helpers import (
 )
 
 from promptrec.cli import parse_args
+from promptrec.models import load_tokenizer
 from promptrec.templates import recovery_answer, recovery_messages
 
 RECIPE = str(REPO / "dpo" / "configs" / "smollm2.yaml")
@@ -121,6 +123,105 @@ def test_killed_dpo_run_resumes_to_the_same_adapter(sft_run, tmp_path, monkeypat
     assert steps == [2, 3]  # only the steps after the checkpoint were trained again
 
     assert_resumed_like_straight(resumed, straight, tmp_path / "killed", tmp_path / "straight", steps=4)
+
+
+@pytest.fixture(scope="module")
+def other_adapter(tmp_path_factory, embedded_model_dir) -> Path:
+    """A bare PEFT adapter (no run_config.json) of another rank and targets than the SFT run's, with non-zero
+    ``lora_B``, so it is neither the start adapter nor the base."""
+    from peft import LoraConfig, get_peft_model
+
+    from promptrec.models import load_model
+
+    path = tmp_path_factory.mktemp("other") / "adapter"
+    model = get_peft_model(load_model("embedded", dtype="float32"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+def assert_ref_is(model, adapter: Path) -> None:
+    """Adapter "ref" of ``model`` holds exactly ``adapter``'s saved weights and is frozen; "default" is the active,
+    trainable one."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    want = load_file(str(adapter / "adapter_model.safetensors"))
+    got = get_peft_model_state_dict(model, adapter_name="ref")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert model.active_adapter == "default"
+    lora = {name: param.requires_grad for name, param in model.named_parameters() if "lora_" in name}
+    assert not any(grad for name, grad in lora.items() if ".ref." in name)
+    assert all(grad for name, grad in lora.items() if ".default." in name)
+
+
+@pytest.mark.slow
+def test_ref_adapter_is_the_reference_and_the_start_adapter_stays_the_sft_baseline(sft_run, other_adapter, tmp_path):
+    """``--ref_adapter``: adapter "ref" is that adapter (another rank: not the start adapter), the precomputed
+    reference log-probs come from it (margins at step 0 are not 0, as they are when the reference is the start
+    adapter), a step trains, and the SCS eval still compares with the start adapter."""
+    from trl import DPOConfig
+
+    script = load_script("dpo/train.py")
+    out = tmp_path / "dpo"
+    argv = dpo_args(sft_run, out, "--max_steps", "1", "--ref_adapter", str(other_adapter), "--eval_pairs",
+                    str(sft_run.parent / "pairs.jsonl"), "--max_eval_pairs", "4", "--eval_on_start", "true",
+                    "--eval_strategy", "steps", "--eval_steps", "100", "--eval_scs_samples", "1")
+    trainer = script.main(*parse_args(script.DPOScriptArguments, DPOConfig, script.InheritedModelConfig, args=argv))
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert_ref_is(model, other_adapter)
+    assert "start" not in model.peft_config  # the start adapter was loaded for the SCS eval only
+    first = next(row for row in trainer.state.log_history if "eval_rewards/margins" in row)
+    assert abs(first["eval_rewards/margins"]) > 1e-3
+    assert trainer.state.global_step == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reference_adapter"] == str(other_adapter) and metrics["scs"]["n"] == 1
+    assert set(metrics["scs"]) >= {"dpo", "sft"}
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["DPOScriptArguments"]["ref_adapter"] == str(other_adapter)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "ref").exists() and not (out / "start").exists()
+
+
+def test_ref_adapter_swaps_at_init_without_precompute(sft_run, other_adapter, tmp_path):
+    """Without precompute_ref_log_probs the reference runs online: "ref" is swapped by the end of ``__init__``."""
+    from trl import DPOConfig
+
+    from promptrec.models import load_model
+    from promptrec.training import read_pairs
+
+    script = load_script("dpo/train.py")
+    args = DPOConfig(output_dir=str(tmp_path), precompute_ref_log_probs=False, use_cpu=True, report_to="none",
+                     max_length=160)
+    model = load_model("embedded", adapter=str(sft_run), dtype="float32", is_trainable=True)
+    trainer = script.RefAdapterDPOTrainer(model=model, args=args, processing_class=load_tokenizer(sft_run),
+                                          train_dataset=read_pairs(str(sft_run.parent / "pairs.jsonl"), 2),
+                                          ref_adapter=str(other_adapter))
+    assert_ref_is(trainer.model, other_adapter)
+
+
+def test_bad_ref_adapter_is_a_one_line_error(sft_run, tmp_path):
+    from promptrec.models import ModelNotFoundError
+    from promptrec.run_config import read_run_config
+    from promptrec.tables import DataError
+
+    script = load_script("dpo/train.py")
+    sft = read_run_config(sft_run)
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(missing))}: no such directory \(--ref_adapter\)$"):
+        script.check_ref_adapter(str(missing), sft)
+    with pytest.raises(ModelNotFoundError, match=rf"^{re.escape(str(tmp_path))}: no adapter_config.json"):
+        script.check_ref_adapter(str(tmp_path), sft)
+    script.check_ref_adapter(str(sft_run), sft)  # a run folder on the same base is fine
+    (parsed, *_) = parse_args(script.DPOScriptArguments, args=["--ref_adapter", "none"])
+    assert parsed.ref_adapter is None
 
 
 LAUNCHERS = {

@@ -19,10 +19,11 @@ GRPO_EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradie
               "--max_completion_length 8")
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
             "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",
-            "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--extra", GRPO_EXTRA]
+            "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--control", "true", "--control_seconds", "10",
+            "--extra", GRPO_EXTRA]
 SKIPPED = "done before with the same settings and inputs, skipped"
-# constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, GRPO, MBR
-METHODS = 9
+# constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, SFT continued, GRPO, MBR
+METHODS = 10
 
 
 def assert_round_two_is_on_policy(run_dir: Path) -> None:
@@ -30,7 +31,7 @@ def assert_round_two_is_on_policy(run_dir: Path) -> None:
     never used; its pairs reject only those samples; its DPO starts from the round-1 adapter."""
     round2 = run_dir / "iterate" / "round2"
     manifest = json.loads((round2 / "candidates" / "candidates.manifest.json").read_text())
-    assert Path(manifest["policy"]["adapter"]).resolve() == (run_dir / "dpo").resolve()
+    assert Path(manifest["policy"]["adapter"]).resolve() == (run_dir / "dpo" / "selected").resolve()  # round 1's pick
     first = set(pd.read_parquet(run_dir / "candidates" / "triplets.parquet").id)
     second = set(pd.read_parquet(round2 / "candidates" / "triplets.parquet").id)
     train = set(pd.read_parquet(run_dir / "split" / "train.parquet").id)
@@ -38,8 +39,34 @@ def assert_round_two_is_on_policy(run_dir: Path) -> None:
     pairs = pd.read_json(round2 / "pairs" / "train.jsonl", lines=True)
     assert len(pairs) and set(pairs.source_rejected) == {"policy"}
     config = json.loads((round2 / "dpo" / "run_config.json").read_text())
-    assert config["DPOScriptArguments"]["sft_adapter"] == str(run_dir / "dpo")  # from round 1's adapter
+    assert config["DPOScriptArguments"]["sft_adapter"] == str(run_dir / "dpo" / "selected")  # from round 1's pick
     assert (round2 / "dpo" / "split.parquet").exists()  # the SFT run's rows travel along the chain
+
+
+def assert_choices_made_on_validation(run_dir: Path, md: str) -> None:
+    """Three sides disjoint by prompt cluster; each DPO round scored SFT, its checkpoints and interpolations on the
+    validation rows and shipped the best; the predict stage decoded those picks; the report lists the choices."""
+    sides = {s: pd.read_parquet(run_dir / "split" / f"{s}.parquet") for s in ("train", "validation", "heldout")}
+    clusters = {s: set(df.prompt_cluster) for s, df in sides.items()}
+    assert all(clusters.values()) and not clusters["train"] & clusters["validation"]
+    assert not clusters["heldout"] & (clusters["train"] | clusters["validation"])
+    rows = json.loads((run_dir / "predict" / "rows.json").read_text())
+    for po, row in ((run_dir / "dpo", "dpo"), (run_dir / "iterate" / "round2" / "dpo", "iterate")):
+        selection = json.loads((po / "selected" / "selection.json").read_text())
+        names = [r["name"] for r in selection["validation"]]
+        assert names[0] == "sft" and "step1" in names and "step2" in names and "alpha0.5" in names
+        means = {r["name"]: r["mean"] for r in selection["validation"]}
+        assert means[selection["picked"]] == max(means.values())
+        assert selection["n_validation"] == len(sides["validation"])
+        assert (po / "checkpoint-1" / "adapter_model.safetensors").exists()
+        assert Path(rows[row]["adapter"]) == po / "selected"
+    assert "Choices made on validation rows" in md and "**picked**" in md and "Opening words" in md
+    control = json.loads((run_dir / "control" / "run_config.json").read_text())  # SFT, continued
+    assert control["stage"] == "sft_continued" and Path(control["init_adapter"]) == run_dir / "sft"
+    sampled = set(pd.concat([pd.read_parquet(f) for f in run_dir.glob("**/candidates/triplets.parquet")]).id)
+    assert not sampled & set(pd.read_parquet(run_dir / "control" / "split.parquet").id)  # rows no DPO round used
+    assert json.loads((run_dir / "control" / "metrics.json").read_text())["time_limit"]["max_train_seconds"] == 10
+    assert (run_dir / "control" / "selected" / "selection.json").exists()
 
 
 @pytest.mark.slow
@@ -57,17 +84,15 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert md.count("\n| ") >= METHODS + 1
     for stage in ("sft", "dpo", "grpo", "iterate/round2/dpo"):
         assert (run_dir / stage / "adapter_config.json").exists()
-    assert "mbr − iterate" in report["paired"] and [r["id"] for r in report["rows"]] == [
-        "constant", "mean_prompt", "base", "sft", "dpo", "dpo_mean", "iterate", "grpo", "mbr"]
+    assert {"mbr − iterate", "iterate − control"} <= set(report["paired"]) and [r["id"] for r in report["rows"]] == [
+        "constant", "mean_prompt", "base", "sft", "dpo", "dpo_mean", "iterate", "control", "grpo", "mbr"]
     assert "MBR decoding (iterate, N=2) − iterative DPO adapter (2 rounds), paired" in md
     assert "prompt clusters" in md  # the intervals resample clusters, not rows
     assert_round_two_is_on_policy(run_dir)
-    heldout = set(pd.read_parquet(run_dir / "split" / "heldout.parquet").rewrite_prompt)
-    trained = set(pd.read_parquet(run_dir / "split" / "train.parquet").rewrite_prompt)
-    assert heldout and not heldout & trained
+    assert_choices_made_on_validation(run_dir, md)
     recorded = {r["id"]: r["fallbacks"] for r in report["rows"]}  # answers the mean prompt stood in for
     assert recorded["constant"] is None and "| mean-prompt fallbacks |" in md
-    for name in ("base", "sft", "dpo", "iterate", "grpo", "mbr"):
+    for name in ("base", "sft", "dpo", "iterate", "control", "grpo", "mbr"):
         config = json.loads((run_dir / "predict" / f"{name}.config.json").read_text())
         assert recorded[name] == config["fallbacks"] and 0 <= config["fallbacks"] <= config["rows"] == 6
 
@@ -79,18 +104,18 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
                 if line.startswith("=== [")}, proc
 
     plan, second = again()  # unchanged: every stage skipped, no command started
-    assert list(plan.values()) == [SKIPPED] * 11 and "$ " not in second.stderr
+    assert list(plan.values()) == [SKIPPED] * 12 and "$ " not in second.stderr
     plan, _ = again("--size", "small", "--dry_run", "true")  # another size: every stage that depends on it
     assert plan["rewrite"] == SKIPPED  # the same 504 bundled rows at every size
     assert "max_heldout 6 → 120" in plan["split"] and "max_steps 2 → 40" in plan["sft"]
     assert all(plan[s].startswith("would run") for s in list(plan)[1:])
     changed = (GRPO_EXTRA, "dpo:--beta 0.2")
     plan, _ = again("--dry_run", "true", extra=changed)  # a changed DPO override: DPO onward, not SFT or GRPO
-    assert [s for s, p in plan.items() if p != SKIPPED] == ["dpo", "iterate", "predict", "report"]
+    assert [s for s, p in plan.items() if p != SKIPPED] == ["dpo", "iterate", "control", "predict", "report"]
     assert "beta 0.1 → 0.2" in plan["dpo"] and "round2/dpo beta 0.1 → 0.2" in plan["iterate"]
     sft_record = (run_dir / "sft" / "stage.json").read_text()
     plan, _ = again("--until", "dpo", extra=changed)  # and it does what it said
-    assert plan["dpo"].startswith("runs (beta 0.1 → 0.2") and plan["sft"] == SKIPPED
+    assert plan["dpo"].startswith("runs (dpo beta 0.1 → 0.2") and plan["sft"] == SKIPPED
     assert (run_dir / "sft" / "stage.json").read_text() == sft_record
     assert json.loads((run_dir / "dpo" / "run_config.json").read_text())["DPOConfig"]["beta"] == 0.2
 

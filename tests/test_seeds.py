@@ -69,6 +69,17 @@ def test_compare_gives_each_runs_gain_and_their_mean(tmp_path):
     assert result["row_average"]["n_runs"] == 2 and result["row_average"]["mean"] == pytest.approx(0.0)
 
 
+def test_compare_against_another_baseline_such_as_the_compute_matched_control(tmp_path):
+    sft = ["no"] * 4
+    run1 = make_run(tmp_path, "s1", sft, ["Make it a poem.", "Make it formal.", "no", "no"])
+    run2 = make_run(tmp_path, "s2", sft, ["Make it a poem.", "no", "no", "no"])
+    args = SeedArguments(runs=[run1, run2], methods=["dpo"], baseline="base")  # base predicts "x": 0 everywhere
+    per_run, groups = run_scores(args.runs, ExactScorer(), args.methods, args.baseline)
+    assert set(per_run[0]) == {"base", "dpo"}
+    (result,) = compare(args, per_run, groups)
+    assert result["baseline"] == "base" and [r["diff"] for r in result["runs"]] == pytest.approx([0.5, 0.25])
+
+
 def test_runs_of_another_split_are_refused(tmp_path):
     same = ["no"] * 4
     run1 = make_run(tmp_path, "s1", same, same)

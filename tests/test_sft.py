@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from stage_helpers import (
     assert_same_base,
     count_training_steps,
     load_script,
+    make_sft_run,
     run_killed_at_step,
 )
 
@@ -121,3 +123,92 @@ def test_killed_sft_run_resumes_to_the_same_adapter(tmp_path, tiny_triplets, mon
     assert steps == [2, 3]  # only the steps after the checkpoint were trained again
 
     assert_resumed_like_straight(resumed, straight, tmp_path / "killed", tmp_path / "straight", steps=4)
+
+
+def test_time_limit_stops_training_at_the_limit():
+    """TimeLimit asks the trainer to stop at the first step end at or past the limit, timed from the train start."""
+    from transformers import TrainerControl, TrainerState
+
+    from promptrec.training import TimeLimit
+
+    now = [100.0]
+    limit = TimeLimit(10, clock=lambda: now[0])
+    args, state, control = SimpleNamespace(), TrainerState(), TrainerControl()
+    limit.on_train_begin(args, state, control)
+    for step, at in enumerate([103.0, 106.0, 109.9], start=1):
+        now[0], state.global_step = at, step
+        limit.on_step_end(args, state, control)
+        assert not control.should_training_stop
+    now[0], state.global_step = 110.0, 4
+    assert limit.on_step_end(args, state, control).should_training_stop
+    assert limit.summary() == {"max_train_seconds": 10, "seconds": 10.0, "steps": 4, "stopped": True}
+
+
+@pytest.fixture(scope="module")
+def continued_run(tmp_path_factory, embedded_model_dir):
+    """An SFT run (make_sft_run: non-zero lora_B) continued by sft/train.py --init_adapter for what 1e-3 s allows
+    (one step of max_steps 3), without the triplets t0 and t1. Returns (init run, continued run, its trainer)."""
+    root = tmp_path_factory.mktemp("continued")
+    init = make_sft_run(root, max_text_tokens=16, lora_init_std=0.01)
+    pd.DataFrame({"id": ["t0", "t1"], "why": "used by the PO round"}).to_csv(root / "used.csv", index=False)
+    out = root / "continued"
+    argv = sft_args(root / "triplets.jsonl", out, "--load_in_4bit", "false", "--use_bnb_nested_quant", "false",
+                    "--init_adapter", str(init), "--exclude_ids", str(root / "used.csv"),
+                    "--max_train_seconds", "0.001")
+    trainer = load_script("sft/train.py").main(*parse(argv))
+    return init, out, trainer
+
+
+@pytest.mark.slow
+def test_continued_sft_starts_from_the_init_adapter(continued_run):
+    """One Adam step moves each weight by at most the learning rate: the saved adapter is the init adapter moved by
+    <= 1e-3 (a fresh LoRA would differ by far more), and moved; the frozen base is unchanged; no new LoRA."""
+    from safetensors.torch import load_file
+
+    from promptrec.models import load_model
+
+    init, out, trainer = continued_run
+    before, after = (load_file(str(run / "adapter_model.safetensors")) for run in (init, out))
+    assert before.keys() == after.keys() and set(trainer.model.peft_config) == {"default"}
+    moved = {name: (after[name].float() - before[name].float()).abs().max().item() for name in before}
+    assert max(moved.values()) <= 1e-3 * 1.01 and all(m > 0 for m in moved.values())
+    assert_same_base(trainer.model, load_model("embedded", dtype="float32"))
+
+
+@pytest.mark.slow
+def test_continued_sft_records_its_init_run_time_limit_and_fresh_rows(continued_run):
+    init, out, trainer = continued_run
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["stage"] == "sft_continued" and config["init_adapter"] == str(init)
+    assert config["sft_run"]["stage"] == "sft" and config["max_text_tokens"] == 16  # inherited and agreed
+    assert config["load_in_4bit"] is False and config["use_bnb_nested_quant"] is True  # the init run's, not given
+    init_config = json.loads((init / "run_config.json").read_text())
+    assert config["lora_target_modules"] == init_config["lora_target_modules"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["time_limit"]["stopped"] and metrics["time_limit"]["steps"] == trainer.state.global_step == 1
+    assert metrics["time_limit"]["seconds"] > 0
+    split = pd.read_parquet(out / "split.parquet")
+    assert sorted(split["id"]) == [f"t{i}" for i in range(2, 8)]  # t0 and t1 excluded before the split
+    assert (config["data"]["train_rows"], config["data"]["eval_rows"]) == tuple(split["split"].value_counts()[
+        ["train", "eval"]])
+    assert "SFT, continued" in (out / "README.md").read_text()
+
+
+def test_continued_sft_stops_in_one_line_on_a_contradiction_or_an_id_less_exclude_file(tmp_path, capsys,
+                                                                                        embedded_model_dir):
+    init = make_sft_run(tmp_path, max_text_tokens=16)
+    (tmp_path / "no_ids.csv").write_text("name\nt0\n")
+    main = load_script("sft/train.py").main
+
+    def error(*extra):
+        argv = sft_args(tmp_path / "triplets.jsonl", tmp_path / "out", "--init_adapter", str(init), "--load_in_4bit",
+                        "false", *extra)
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: main(*parse(argv)))
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    err = error("--max_text_tokens", "32")
+    assert err.startswith("error: max_text_tokens: 32 given, 16 in ") and "run_config.json" in err
+    err = error("--exclude_ids", str(tmp_path / "no_ids.csv"))
+    assert err.startswith("error: ") and "no_ids.csv" in err and "id" in err
