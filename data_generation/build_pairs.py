@@ -38,7 +38,7 @@ from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.plots import figure
 from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, resolve_policy
 from promptrec.resumable import dist_info, run_sharded, write_manifest
-from promptrec.run_config import override_field
+from promptrec.run_config import RUN_CONFIG, override_field
 from promptrec.scoring import ScorerArguments
 from promptrec.splits import SPLIT_BY, eval_mask, with_prompt_clusters
 from promptrec.tables import PAIR_COLUMNS, DataError, read_table, write_json, write_table
@@ -142,8 +142,10 @@ def prompt_format(args: PairArguments) -> tuple[str, int | None]:
     alone gives the flags, else its name and 256."""
     manifest = Path(args.candidates).with_name("candidates.manifest.json")
     recorded = (json.loads(manifest.read_text(encoding="utf-8")).get("policy") if manifest.is_file() else None) or {}
+    kept = manifest.with_name("policy")  # candidates.py's copy of the policy's run config and tokenizer
     if recorded.get("adapter"):
-        policy = resolve_policy(adapter=recorded["adapter"], max_text_tokens=args.max_text_tokens, load_in_4bit=False,
+        source = str(kept) if (kept / RUN_CONFIG).is_file() else recorded["adapter"]  # older candidate folders
+        policy = resolve_policy(adapter=source, max_text_tokens=args.max_text_tokens, load_in_4bit=False,
                                 allow_override=args.allow_config_override)
         return args.tokenizer or policy.tokenizer_source, policy.max_text_tokens
     budget = args.max_text_tokens if args.max_text_tokens is not None else recorded.get(

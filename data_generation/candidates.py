@@ -165,6 +165,22 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
     run_share(triplets["id"].tolist(), parts_dir, work, "candidates")
 
 
+POLICY_COPY = "policy"  # the sampled run's run_config.json and tokenizer, so the pairs survive a moved run folder
+
+
+def keep_prompt_format(policy, folder: Path) -> None:
+    """Copy what renders the policy's prompts (its run's ``run_config.json`` and saved tokenizer, not the weights)
+    into ``folder``: build_pairs reads them from there, not from the adapter's path, which a move breaks."""
+    import shutil
+
+    from promptrec.models import load_tokenizer
+    from promptrec.run_config import RUN_CONFIG
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(policy.adapter) / RUN_CONFIG, folder / RUN_CONFIG)
+    load_tokenizer(policy.tokenizer_source).save_pretrained(folder)
+
+
 def main(args: CandidateArguments) -> pd.DataFrame | None:
     out = Path(args.output_dir)
     start = time.time()
@@ -182,6 +198,8 @@ def main(args: CandidateArguments) -> pd.DataFrame | None:
     write_table(triplets, out / "triplets.parquet")
     # the policy whose prompt format the pairs must be rendered in (build_pairs reads it back)
     policy = policy_of(args) if args.policy_adapter or "policy" in args.sources else None
+    if policy is not None and policy.adapter:
+        keep_prompt_format(policy, out / POLICY_COPY)
     manifest = write_manifest(
         out / "candidates.manifest.json", start, triplets=counts, examples=len(merged), candidates=len(long),
         per_source=long["source"].value_counts().to_dict(),

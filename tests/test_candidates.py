@@ -273,3 +273,22 @@ def test_recipes_parse(recipe):
     (args,) = parse_args(cls, args=["--config", str(recipe)])
     assert recipe_mismatches(recipe, args) == {}
     assert "scorer" in yaml.safe_load(recipe.read_text())
+
+
+def test_pairs_find_the_policy_prompt_format_after_the_run_folder_moves(tmp_path):
+    """candidates.py keeps the sampled run's run_config.json and tokenizer beside the candidates, so build_pairs
+    renders with them after the run folder (whose path the manifest records) has moved."""
+    from stage_helpers import make_sft_run
+
+    from promptrec.policy import resolve_policy
+
+    run = make_sft_run(tmp_path, max_text_tokens=16)
+    cands = tmp_path / "candidates"
+    cands.mkdir()
+    (cands / "candidates.manifest.json").write_text(json.dumps({"policy": {"adapter": str(run)}}))
+    candidates_py.keep_prompt_format(resolve_policy(adapter=str(run)), cands / candidates_py.POLICY_COPY)
+    run.rename(tmp_path / "moved")
+    (args,) = parse_args(build_pairs_py.PairArguments, args=["--candidates", str(cands / "candidates.parquet")])
+    tokenizer, budget = build_pairs_py.prompt_format(args)
+    assert budget == 16 and tokenizer == str(cands / "policy")
+    assert (cands / "policy" / "tokenizer_config.json").exists()
