@@ -19,6 +19,7 @@ seconds per candidate) and ``validation_predictions.parquet``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import pandas as pd
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.drift import drift_summary
 from promptrec.generation import SamplingParams, default_batch_size
+from promptrec.model_card import write_model_card
 from promptrec.models import generation_dtype
 from promptrec.po_select import SFT, Candidate, adapter_name, choose, describe, grid, interpolate, selection_table
 from promptrec.policy import load_policy, resolve_policy
@@ -92,8 +94,6 @@ def checkpoint_steps(po_run: Path) -> dict[int, Path]:
 def final_step(po_run: Path, steps: dict[int, Path]) -> int:
     """The step of the run's final adapter: ``global_step`` in its metrics.json (training.save_run records it; a
     time-limited run may stop between checkpoints), else the last checkpoint's."""
-    import json
-
     metrics = po_run / "metrics.json"
     if metrics.is_file():
         step = json.loads(metrics.read_text()).get("train", {}).get("global_step")
@@ -132,6 +132,13 @@ def ship(pick: Candidate, model, args: SelectArguments, summary: dict) -> Path:
     config = replace(config, sections={**config.sections, "selection": summary})
     config.save(tmp)
     write_json(summary, tmp / "selection.json")
+    if pick.kind in ("checkpoint", "interpolation") and pick.path != str(po):  # not the run's final adapter
+        (tmp / "eval_predictions.jsonl").unlink(missing_ok=True)  # those were the final adapter's
+        metrics = json.loads((tmp / "metrics.json").read_text()) if (tmp / "metrics.json").is_file() else {}
+        metrics = {"shipped": pick.name, "note": f"the run's metrics are its final adapter's; {pick.name} ships",
+                   "run": metrics}
+        write_json(metrics, tmp / "metrics.json")
+        write_model_card(tmp, config, metrics)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -195,17 +195,20 @@ def ran_on(run_dir: Path) -> dict:
 
 def selection_lines(run_dir: Path) -> list[str]:
     """The report's section on the choices made on validation: every DPO round's candidates and its pick."""
-    found = sorted(Path(run_dir).glob("dpo/selected/selection.json")) + sorted(
-        Path(run_dir).glob("iterate/round*/dpo/selected/selection.json"))
+    rounds = sorted(Path(run_dir).glob("iterate/round*/dpo/selected/selection.json"),
+                    key=lambda f: int(f.parents[2].name.removeprefix("round")))
+    found = [f for f in (Path(run_dir) / "dpo" / "selected" / "selection.json", *rounds,
+                         Path(run_dir) / "control" / "selected" / "selection.json") if f.is_file()]
     if not found:
         return []
-    md = ["Choices made on validation rows (never on the held-out rows above), per DPO round "
+    md = ["Choices made on validation rows (never on the held-out rows above), per DPO round and for the control "
           "(dpo/select_adapter.py; rule fixed in docs/po_selection.md):", "",
           "| round | candidate | validation SCS | − SFT, paired (95% CI) | top opening word (share; SFT's) | |",
           "|---|---|---:|---|---|---|"]
     for path in found:
         sel = json.loads(path.read_text())
-        where = path.parents[2].name if path.parents[2].name.startswith("round") else "round1"
+        where = ("control" if path.parents[1].name == "control" else
+                 path.parents[2].name if path.parents[3].name == "iterate" else "round1")
         for row in sel["validation"]:
             d = row.get("drift", {})
             md.append(f"| {where} | {row['name']} | {row['mean']:.4f} | {row['diff_vs_sft']:+.4f} "

@@ -7,10 +7,12 @@
     python pipeline/run.py --config pipeline/configs/smollm2.yaml --size tiny      # CI's smallest size
 
 Stages (pipeline/stages.py; each its own entry script, run as a subprocess with its own recipe plus overrides):
-rewrite (or read ``--triplets``) → split (by prompt cluster: near-duplicates of a held-out prompt are never trained
-on) → mean prompt → SFT → candidates (SFT policy samples + bank negatives + mean + truth) → pairs → DPO → iterate
-(``dpo_rounds`` > 1: each further round samples the last DPO adapter on fresh train triplets and trains DPO from it)
-→ GRPO (with a ``grpo_recipe``) → predictions on the held-out split → report. The model, tokenizer, chat template
+rewrite (or read ``--triplets``) → split (train / validation / held-out by prompt cluster: near-duplicates of a
+held-out prompt are never trained or chosen on) → mean prompt → SFT → candidates (SFT policy samples + bank negatives
++ mean + truth) → pairs → DPO, then selection on validation (SFT, checkpoints, SFT↔DPO interpolations: the round's
+pick) → iterate (``dpo_rounds`` > 1: each further round samples the last pick on fresh train triplets, trains DPO
+from it and selects again) → control (``--control``: SFT continued for the DPO stages' time) → GRPO (with a
+``grpo_recipe``) → predictions on the held-out split → report. The model, tokenizer, chat template
 and text budget are decided once, by the SFT stage, and recorded in its ``run_config.json``.
 
 A stage records what produced it in ``<run_dir>/<stage>/stage.json`` (pipeline/cache.py). A re-run skips a stage only
@@ -117,6 +119,7 @@ class Runner:
             print(f"    its folder (no record of what produced it) is kept as {legacy}", flush=True)
         elif decision.action == "fresh":  # nothing a run with other settings left may be reused
             shutil.rmtree(out, ignore_errors=True)
+        before = (read_record(out) or {}).get("seconds_so_far", 0.0) if decision.action == "resume" else 0.0
         out.mkdir(parents=True, exist_ok=True)
         self.current = stage.name
         record = {"stage": stage.name, "settings": settings, "inputs": inputs, "invocation": self.started,
@@ -125,7 +128,9 @@ class Runner:
         start = time.time()
         for step in steps:
             self.run_step(step)
-        self.timings[stage.name] = round(time.time() - start, 1)
+            # the seconds of finished steps survive an interruption: a resumed stage's time is all of its steps'
+            write_record(out, status="running", seconds_so_far=round(before + time.time() - start, 1), **record)
+        self.timings[stage.name] = round(before + time.time() - start, 1)
         self.ran.append(stage.name)
         write_record(out, status="done", seconds=self.timings[stage.name], **record)
         print(f"=== {stage.name} finished in {self.timings[stage.name]:.0f} s", flush=True)

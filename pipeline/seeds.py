@@ -44,6 +44,8 @@ class SeedArguments:
     output_dir: str = field(default="checkpoints/pipeline/seeds", metadata={"help": "Where seeds.md/json go."})
 
     def __post_init__(self):
+        if self.known and self.baseline != "sft":
+            raise ValueError("--known values are differences to SFT: give them only with --baseline sft")
         if len(self.runs) + len(self.known) < 2:
             raise ValueError("give at least two runs (--runs and --known together)")
 

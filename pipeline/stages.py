@@ -3,8 +3,8 @@
 A stage is a name, the files it reads (:attr:`Stage.inputs`) and its steps (:attr:`Stage.steps`): commands of other
 entry scripts (each with its recipe and overrides) or functions run here. Steps are built before anything runs, so
 their settings can be compared with the stage's record (pipeline/cache.py) to decide whether the stage runs again.
-A step with its own folder (a round of the iterate stage, one adapter's predictions) leaves ``DONE`` there, so a
-stage interrupted half-way resumes at the step it was on.
+A step with its own output folder (a round of the iterate stage, a DPO run, a selection, one adapter's predictions)
+leaves ``DONE`` there, so a stage interrupted half-way resumes at the step it was on.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Step:
-    """One unit of a stage: ``run()`` does it; ``settings`` decide its output; ``out`` (a sub-folder) gets ``DONE``
-    when it finishes, so a resumed stage skips it (None: the step is the whole stage)."""
+    """One unit of a stage: ``run()`` does it; ``settings`` decide its output; ``out`` (its output folder: a
+    sub-folder, or the stage folder itself when that is the step's run folder, as DPO's) gets ``DONE`` when it
+    finishes, so a resumed stage skips it (None: the step runs again on a resume)."""
 
     name: str
     settings: dict[str, str]
@@ -60,9 +61,12 @@ class Job:
     def knob(self, name: str):
         return self.args.knob(name)
 
-    def script(self, stage: str, script: str, *cli, name: str = "", out: Path | None = None) -> Step:
-        """A step that runs ``script`` with ``cli`` plus the ``--extra`` overrides given for ``stage``."""
-        extra = [a for e in self.args.extra if e.startswith(f"{stage}:") for a in shlex.split(e.split(":", 1)[1])]
+    def script(self, stage: str, script: str, *cli, name: str = "", out: Path | None = None,
+               also: tuple[str, ...] = ()) -> Step:
+        """A step that runs ``script`` with ``cli`` plus the ``--extra`` overrides given for ``stage`` (after those
+        given for the stages in ``also``: the control takes SFT's)."""
+        extra = [a for s in (*also, stage) for e in self.args.extra if e.startswith(f"{s}:")
+                 for a in shlex.split(e.split(":", 1)[1])]
         argv = [*map(str, cli), *extra]
         settings = command_settings(script, argv, REPO, self.paths.root)
         cmd = [sys.executable, str(REPO / script), *argv]
@@ -165,8 +169,7 @@ def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "") -> Ste
 
 def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str, reference: Path | None = None) -> Step:
     a, steps = job.args, job.knob("dpo_steps")
-    # a checkpoint every quarter of the steps: the select step scores each on validation
-    keep = ["--save_strategy", "steps", "--save_steps", max(1, -(-steps // 4)), "--save_total_limit", 4]
+    keep = every_quarter(steps)
     return job.script("dpo", "dpo/train.py", "--config", a.dpo_recipe, "--sft_adapter", start, "--train_pairs",
                       pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps", steps,
                       "--scorer", a.scorer, "--output_dir", out, "--max_eval_pairs", job.knob("eval_samples"),
@@ -175,15 +178,21 @@ def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str, refer
                       name=name, out=out)
 
 
-def select_step(job: Job, po_run: Path, start: Path, name: str) -> Step:
-    """Score SFT, the start adapter, the round's checkpoints and interpolations on validation; ship the best
-    (dpo/select_adapter.py) into ``<po_run>/selected``."""
+def select_step(job: Job, po_run: Path, start: Path, name: str, interpolate: bool = True) -> Step:
+    """Score SFT, the start adapter, the run's checkpoints and (``interpolate``) SFT↔run interpolations on
+    validation; ship the best (dpo/select_adapter.py) into ``<po_run>/selected``."""
     a, p = job.args, job.paths
+    alphas = ",".join(f"{x:g}" for x in a.select_alphas) if interpolate else ""
     return job.script("select", "dpo/select_adapter.py", "--sft_adapter", p.sft, "--po_run", po_run,
                       *(["--start_adapter", start] if start != p.sft else []), "--validation", p.validation,
-                      "--mean_prompt", p.mean_prompt, "--scorer", a.scorer, "--alphas",
-                      ",".join(f"{x:g}" for x in a.select_alphas), "--checkpoints", str(a.select_checkpoints).lower(),
-                      "--output_dir", p.selected(po_run), *job.seed, name=name, out=p.selected(po_run))
+                      "--mean_prompt", p.mean_prompt, "--scorer", a.scorer, "--alphas", alphas, "--checkpoints",
+                      str(a.select_checkpoints).lower(), "--output_dir", p.selected(po_run), *job.seed, name=name,
+                      out=p.selected(po_run))
+
+
+def every_quarter(steps: int, limit: int = 4) -> list:
+    """Trainer flags that keep a checkpoint every quarter of ``steps`` (the select step scores each)."""
+    return ["--save_strategy", "steps", "--save_steps", max(1, -(-steps // 4)), "--save_total_limit", limit]
 
 
 def dpo(job: Job) -> list[Step]:
@@ -257,11 +266,9 @@ def control(job: Job) -> list[Step]:
     a, p = job.args, job.paths
     if not a.control:
         return [Step("", {"control": "off"}, lambda: print("control off: no compute-matched SFT", flush=True))]
-    seconds = a.control_seconds or po_seconds(job)
-    if seconds is None:  # a dry run before the DPO arm ran
+    seconds, pace = a.control_seconds or po_seconds(job), sft_seconds_per_step(job)
+    if seconds is None or pace is None:  # a dry run before SFT and the DPO arm ran
         return [Step("", {"control": "after the DPO stages"}, lambda: None)]
-    pace = sft_seconds_per_step(job)
-    steps = max(4, int(seconds / pace * 1.5))  # the time limit stops it; max_steps only bounds it
     exclude = p.control / "po_rows.parquet"
 
     def used():
@@ -269,27 +276,30 @@ def control(job: Job) -> list[Step]:
 
         write_table(pd.concat([pd.read_parquet(f)[["id"]] for f in po_rows(job)]), exclude)
 
-    keep = ["--save_strategy", "steps", "--save_steps", max(1, int(seconds / pace / 4)), "--save_total_limit", 4]
-    train = job.script("control", "sft/train.py", "--config", a.sft_recipe, "--init_adapter", p.sft, "--triplets",
-                       p.train, "--max_text_tokens", a.max_text_tokens, "--exclude_ids", exclude,
-                       "--max_train_seconds", round(seconds, 1), "--max_steps",
-                       steps, "--lr_scheduler_type", "constant", "--warmup_steps", 0, "--scorer", a.scorer,
-                       "--output_dir", p.control, "--max_eval_samples", job.knob("eval_samples"),
-                       "--eval_scs_samples", job.knob("eval_samples"), *keep, *a.training_cli(), *job.seed,
-                       name="sft_continued", out=p.control)
-    select = job.script("control", "dpo/select_adapter.py", "--sft_adapter", p.sft, "--po_run", p.control,
-                        "--validation", p.validation, "--mean_prompt", p.mean_prompt, "--scorer", a.scorer,
-                        "--alphas", "", "--output_dir", p.selected(p.control), *job.seed, name="select",
-                        out=p.selected(p.control))
-    return [Step("po_rows", {"dpo_rounds": str(a.dpo_rounds)}, used), train, select]
+    expected = max(1, int(seconds / pace))  # steps the time allows at SFT's pace; max_steps (10x) only bounds it
+    train = job.script("control", "sft/train.py", "--config", a.sft_recipe, "--model_name_or_path", a.model,
+                       "--init_adapter", p.sft, "--triplets", p.train, "--max_text_tokens", a.max_text_tokens,
+                       "--exclude_ids", exclude, "--max_train_seconds", round(seconds, 1), "--max_steps",
+                       10 * expected + 10, "--lr_scheduler_type", "constant", "--warmup_steps", 0, "--scorer",
+                       a.scorer, "--output_dir", p.control, "--max_eval_samples", job.knob("eval_samples"),
+                       "--eval_scs_samples", job.knob("eval_samples"), "--data_licence",
+                       data_licence(a.triplets if a.triplets and not a.generate else str(p.triplets)),
+                       *every_quarter(expected, limit=12), *a.training_cli(), *job.seed, name="sft_continued",
+                       out=p.control, also=("sft",))
+    return [Step("po_rows", {"dpo_rounds": str(a.dpo_rounds)}, used), train,
+            select_step(job, p.control, p.sft, "select", interpolate=False)]
 
 
-def sft_seconds_per_step(job: Job) -> float:
-    """SFT's training seconds per optimizer step (its metrics.json): the pace the control's checkpoints follow."""
+def sft_seconds_per_step(job: Job) -> float | None:
+    """SFT's training seconds per optimizer step (its metrics.json): the pace the control's checkpoints follow;
+    None before SFT ran."""
     import json
 
-    train = json.loads((job.paths.sft / "metrics.json").read_text()).get("train", {})
-    return float(train.get("train_runtime", 1.0)) / max(1, int(train.get("global_step", 1) or 1))
+    metrics = job.paths.sft / "metrics.json"
+    if not metrics.is_file():
+        return None
+    train = json.loads(metrics.read_text()).get("train", {})
+    return float(train["train_runtime"]) / int(train.get("global_step") or job.knob("sft_steps"))
 
 
 def grpo(job: Job) -> list[Step]:
@@ -363,10 +373,12 @@ STAGE_TABLE = (
     Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl",
                             j.paths.validation, j.paths.mean_prompt], dpo,
           lambda j: _adapter(j, j.paths.selected(j.paths.dpo))),
-    Stage("iterate", lambda j: [j.paths.train, j.paths.mean_prompt, j.paths.candidates / "triplets.parquet",
+    Stage("iterate", lambda j: [j.paths.train, j.paths.validation, j.paths.mean_prompt,
+                                j.paths.candidates / "triplets.parquet",
                                 *_adapter(j, j.paths.selected(j.paths.dpo))] if j.args.dpo_rounds > 1 else [], iterate,
           lambda j: _adapter(j, j.paths.last_dpo(j.args.dpo_rounds)) if j.args.dpo_rounds > 1 else []),
-    Stage("control", lambda j: [j.paths.train, j.paths.validation, *_adapter(j, j.paths.sft), *po_rows(j)]
+    Stage("control", lambda j: [j.paths.train, j.paths.validation, j.paths.mean_prompt, *_adapter(j, j.paths.sft),
+                                *po_rows(j)]
           if j.args.control else [], control,
           lambda j: _adapter(j, j.paths.selected(j.paths.control)) if j.args.control else []),
     Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo,

@@ -88,6 +88,15 @@ def describe(candidates: Sequence[Candidate]) -> list[dict]:
 
 def interpolate(model, anchor: str, target: str, alpha: float, name: str) -> str:
     """Add adapter ``name`` to the PEFT ``model`` whose update is ``(1 − alpha)·ΔW_anchor + alpha·ΔW_target``
-    (``add_weighted_adapter``, ``cat``: rank = the two ranks summed, exact). Returns ``name``."""
+    (``add_weighted_adapter``, ``cat``: rank = the two ranks summed, exact). Returns ``name``. Only for plain LoRA:
+    PEFT's ``cat`` gives the new adapter ``lora_alpha = r`` (scaling 1), which rsLoRA would rescale; DoRA magnitudes,
+    LoRA biases and ``modules_to_save`` are not combined; so those stop here rather than build a wrong update."""
+    for adapter in (anchor, target):
+        config = model.peft_config[adapter]
+        unsupported = [f for f in ("use_rslora", "use_dora", "lora_bias", "modules_to_save")
+                       if getattr(config, f, None)]
+        if unsupported:
+            raise ValueError(f"cannot interpolate adapter {adapter!r}: {', '.join(unsupported)} set (the LoRA update "
+                             "of such an adapter is not B·A alone); select without interpolations (--alphas '')")
     model.add_weighted_adapter([anchor, target], [1.0 - alpha, alpha], name, combination_type="cat")
     return name

@@ -24,8 +24,8 @@ recipe, on fresh train rows, for as long as the PO stage took:
   checked at each step's end); the run then evaluates and saves as usual. metrics.json's ``time_limit`` records the
   steps done and the seconds taken. ``max_steps`` still caps the steps and sets the learning-rate schedule.
 * ``--exclude_ids FILE``: a table with an ``id`` column (.csv/.jsonl/.parquet); those triplets are dropped before
-  the ``max_samples`` sample and the split, so the run trains on rows that SFT and the PO round's candidates did
-  not use.
+  the ``max_samples`` sample and the split (the pipeline's control excludes the rows the DPO rounds sampled; rows
+  SFT itself trained on can recur, since which of them its shuffled batches reached is not recorded).
 
 Outputs in ``output_dir`` (``checkpoints/sft/<run>/``): adapter, tokenizer, run_config.json (the RunConfig every
 later stage reads), README.md (model card), metrics.json, curves.png, split.parquet (the train and eval triplets),

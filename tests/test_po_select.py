@@ -90,6 +90,9 @@ def test_interpolation_endpoints_reproduce_sft_and_the_adapter_and_mix_the_updat
     layer = model.base_model.model.model.layers[0].self_attn.q_proj  # the update itself: (ΔW_sft + ΔW_po) / 2
     want = 0.5 * layer.get_delta_weight("default") + 0.5 * layer.get_delta_weight("po")
     torch.testing.assert_close(layer.get_delta_weight("a0_5"), want, atol=1e-6, rtol=1e-5)
+    model.peft_config["po"].use_rslora = True  # its update is not B·A at scaling 1: refused, not built wrong
+    with pytest.raises(ValueError, match="use_rslora"):
+        interpolate(model, "default", "po", 0.5, "rs")
 
 
 # ------------------------------------------------------------------------------------- dpo/select_adapter.py
