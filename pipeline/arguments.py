@@ -57,8 +57,9 @@ class PipelineArguments:
     select_alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75], metadata={
         "help": "Interpolations (1-α)·ΔW_SFT + α·ΔW_DPO scored on validation after each DPO round; none: no "
                 "interpolation."})
-    select_checkpoints: bool = field(default=True, metadata={
-        "help": "Also score each DPO round's checkpoints (every quarter of its steps) on validation."})
+    select_checkpoints: int = field(default=4, metadata={
+        "help": "Checkpoints of each DPO round scored on validation, evenly spaced, the last being the round's "
+                "adapter: 4 (every quarter), 2 (half-way and the end) or 1 (the end only)."})
     split_by: str = field(default="cluster", metadata={
         "help": "Held-out groups: 'cluster' (near-duplicate prompts by scorer embedding stay together) or 'prompt'."})
     cluster_threshold: float = field(default=0.8, metadata={
@@ -90,6 +91,8 @@ class PipelineArguments:
     def __post_init__(self):
         if self.bf16 not in ("auto", "true", "false"):
             raise ValueError(f"bf16 must be auto, true or false, not {self.bf16!r}")
+        if self.select_checkpoints < 1:
+            raise ValueError(f"select_checkpoints must be >= 1, not {self.select_checkpoints}")
         if self.dpo_reference not in ("start", "sft"):
             raise ValueError(f"dpo_reference must be start or sft, not {self.dpo_reference!r}")
         if self.split_by not in ("cluster", "prompt"):

@@ -169,11 +169,11 @@ def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "") -> Ste
 
 def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str, reference: Path | None = None) -> Step:
     a, steps = job.args, job.knob("dpo_steps")
-    keep = every_quarter(steps)
+    keep = evenly(steps, a.select_checkpoints)
     return job.script("dpo", "dpo/train.py", "--config", a.dpo_recipe, "--sft_adapter", start, "--train_pairs",
                       pairs_dir / "train.jsonl", "--eval_pairs", pairs_dir / "eval.jsonl", "--max_steps", steps,
                       "--scorer", a.scorer, "--output_dir", out, "--max_eval_pairs", job.knob("eval_samples"),
-                      "--eval_scs_samples", job.knob("eval_samples"), *(keep if a.select_checkpoints else []),
+                      "--eval_scs_samples", job.knob("eval_samples"), *(keep if a.select_checkpoints > 1 else []),
                       *(["--ref_adapter", reference] if reference else []), *a.training_cli(), *job.seed,
                       name=name, out=out)
 
@@ -186,13 +186,14 @@ def select_step(job: Job, po_run: Path, start: Path, name: str, interpolate: boo
     return job.script("select", "dpo/select_adapter.py", "--sft_adapter", p.sft, "--po_run", po_run,
                       *(["--start_adapter", start] if start != p.sft else []), "--validation", p.validation,
                       "--mean_prompt", p.mean_prompt, "--scorer", a.scorer, "--alphas", alphas, "--checkpoints",
-                      str(a.select_checkpoints).lower(), "--output_dir", p.selected(po_run), *job.seed, name=name,
+                      str(a.select_checkpoints > 1).lower(), "--output_dir", p.selected(po_run), *job.seed, name=name,
                       out=p.selected(po_run))
 
 
-def every_quarter(steps: int, limit: int = 4) -> list:
-    """Trainer flags that keep a checkpoint every quarter of ``steps`` (the select step scores each)."""
-    return ["--save_strategy", "steps", "--save_steps", max(1, -(-steps // 4)), "--save_total_limit", limit]
+def evenly(steps: int, n: int = 4, limit: int | None = None) -> list:
+    """Trainer flags that keep ``n`` checkpoints evenly over ``steps`` (every quarter for 4; the select step scores
+    each)."""
+    return ["--save_strategy", "steps", "--save_steps", max(1, -(-steps // n)), "--save_total_limit", limit or n]
 
 
 def dpo(job: Job) -> list[Step]:
@@ -284,7 +285,7 @@ def control(job: Job) -> list[Step]:
                        a.scorer, "--output_dir", p.control, "--max_eval_samples", job.knob("eval_samples"),
                        "--eval_scs_samples", job.knob("eval_samples"), "--data_licence",
                        data_licence(a.triplets if a.triplets and not a.generate else str(p.triplets)),
-                       *every_quarter(expected, limit=12), *a.training_cli(), *job.seed, name="sft_continued",
+                       *evenly(expected, 4, limit=12), *a.training_cli(), *job.seed, name="sft_continued",
                        out=p.control, also=("sft",))
     return [Step("po_rows", {"dpo_rounds": str(a.dpo_rounds)}, used), train,
             select_step(job, p.control, p.sft, "select", interpolate=False)]
