@@ -169,16 +169,20 @@ POLICY_COPY = "policy"  # the sampled run's run_config.json and tokenizer, so th
 
 
 def keep_prompt_format(policy, folder: Path) -> None:
-    """Copy what renders the policy's prompts (its run's ``run_config.json`` and saved tokenizer, not the weights)
-    into ``folder``: build_pairs reads them from there, not from the adapter's path, which a move breaks."""
+    """Copy what renders the policy's prompts (its run's ``run_config.json``, its saved tokenizer and the base's model
+    config, not the weights) into ``folder``: build_pairs reads them from there, not from the adapter's path, which a
+    move breaks."""
     import shutil
 
-    from promptrec.models import load_tokenizer
+    from transformers import AutoConfig
+
+    from promptrec.models import load_tokenizer, resolve_model_path
     from promptrec.run_config import RUN_CONFIG
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(policy.adapter) / RUN_CONFIG, folder / RUN_CONFIG)
     load_tokenizer(policy.tokenizer_source).save_pretrained(folder)
+    AutoConfig.from_pretrained(resolve_model_path(policy.model), revision=policy.revision).save_pretrained(folder)
 
 
 def main(args: CandidateArguments) -> pd.DataFrame | None:

@@ -291,4 +291,6 @@ def test_pairs_find_the_policy_prompt_format_after_the_run_folder_moves(tmp_path
     (args,) = parse_args(build_pairs_py.PairArguments, args=["--candidates", str(cands / "candidates.parquet")])
     tokenizer, budget = build_pairs_py.prompt_format(args)
     assert budget == 16 and tokenizer == str(cands / "policy")
-    assert (cands / "policy" / "tokenizer_config.json").exists()
+    from promptrec.models import load_tokenizer
+
+    assert load_tokenizer(tokenizer).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -76,7 +76,8 @@ def test_target_pipeline_runs_end_to_end_at_tiny_shapes(tmp_path, target, embedd
     cands = json.loads((run_dir / "candidates" / "candidates.manifest.json").read_text())
     assert cands["policy"]["max_text_tokens"] == budget and cands["policy"]["load_in_4bit"]
     pairs = json.loads((run_dir / "pairs" / "summary.json").read_text())
-    assert pairs["max_text_tokens"] == budget and pairs["tokenizer"] == str(run_dir / "sft")
+    # rendered with the SFT run's tokenizer, as the candidates kept it (candidates/policy survives a move)
+    assert pairs["max_text_tokens"] == budget and pairs["tokenizer"] == str(run_dir / "candidates" / "policy")
     assert len(json.loads((run_dir / "report.json").read_text())["rows"]) == 7  # GRPO included
 
     # the notebook's code path (predict_file with an adapter folder and nothing else)
