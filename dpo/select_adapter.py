@@ -19,6 +19,7 @@ seconds per candidate) and ``validation_predictions.parquet``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -42,7 +43,7 @@ from promptrec.predict import predict_frame
 from promptrec.run_config import RUN_CONFIG, read_run_config
 from promptrec.scoring import ScorerArguments
 from promptrec.splits import CLUSTER_COLUMN
-from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table, require_path, write_json, write_table
+from promptrec.tables import TRIPLET_COLUMNS, DataError, file_digest, read_table, require_path, write_json, write_table
 
 logger = logging.getLogger("select")
 CHECKPOINT = "checkpoint-"
@@ -74,6 +75,10 @@ class SelectArguments(ScorerArguments):
     batch_size: int = field(default_factory=default_batch_size, metadata={"help": "Rows per generate() call."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype, as predict's --dtype."})
     seed: int = field(default=42, metadata={"help": "Seed of the bootstrap."})
+    prediction_cache: str = field(default="auto", metadata={
+        "help": "Folder of validation predictions keyed by the adapter file's digest and every setting that decides "
+                "them, so SFT (and a later round's start) is decoded once per run, not once per selection; 'auto': "
+                "select_cache/ beside --sft_adapter (shared by every round and the control); 'none': off."})
 
     def weights(self) -> list[float]:
         try:
@@ -100,6 +105,40 @@ def final_step(po_run: Path, steps: dict[int, Path]) -> int:
         if step:
             return int(step)
     return max(steps, default=0)
+
+
+def cache_folder(args: SelectArguments) -> Path | None:
+    if args.prediction_cache == "none":
+        return None
+    return Path(args.sft_adapter).parent / "select_cache" if args.prediction_cache == "auto" else Path(
+        args.prediction_cache)
+
+
+def cache_key(candidate: Candidate, settings: dict) -> str | None:
+    """Digest of what decides a candidate's greedy validation predictions: its adapter file's bytes and ``settings``
+    (validation file, rows, base, dtype, batch, length, mean prompt). None for an interpolation (built in memory)."""
+    if not candidate.path:
+        return None
+    weights = Path(candidate.path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    adapter = [file_digest(weights), file_digest(Path(candidate.path) / "adapter_config.json")]
+    text = json.dumps({"adapter": adapter, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached(folder: Path | None, key: str | None, n_rows: int) -> list[str] | None:
+    path = folder / f"{key}.json" if folder and key else None
+    if path is None or not path.is_file():
+        return None
+    predictions = json.loads(path.read_text(encoding="utf-8")).get("predictions")
+    return predictions if isinstance(predictions, list) and len(predictions) == n_rows else None
+
+
+def remember(folder: Path | None, key: str | None, candidate: Candidate, predictions: list[str]) -> None:
+    if folder and key:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json({"adapter": candidate.path, "predictions": predictions}, folder / f"{key}.json")
 
 
 def read_validation(args: SelectArguments) -> pd.DataFrame:
@@ -173,19 +212,29 @@ def main(args: SelectArguments) -> dict:
             interpolate(model, "default", final, c.alpha, adapter_name(c))
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed)
-    scores, predictions, seconds = {}, {}, {}
+    folder = cache_folder(args)
+    settings = {"validation": file_digest(Path(args.validation)), "rows": args.max_rows, "base": policy.model,
+                "dtype": str(generation_dtype(args.dtype)), "batch": args.batch_size, "tokens": args.max_new_tokens,
+                "text_tokens": policy.max_text_tokens, "mean_prompt": post.mean_prompt}
+    scores, predictions, seconds, reused = {}, {}, {}, []
     for c in candidates:
-        start = time.time()
-        model.set_adapter(adapter_name(c))
-        frame = predict_frame(validation, model, tokenizer, post, params, args.batch_size, policy.max_text_tokens,
-                              progress=True)
-        predictions[c.name] = frame["rewrite_prompt"].tolist()
+        start, key = time.time(), cache_key(c, settings)
+        predictions[c.name] = cached(folder, key, len(validation))
+        if predictions[c.name] is None:
+            model.set_adapter(adapter_name(c))
+            frame = predict_frame(validation, model, tokenizer, post, params, args.batch_size,
+                                  policy.max_text_tokens, progress=True)
+            predictions[c.name] = frame["rewrite_prompt"].tolist()
+            remember(folder, key, c, predictions[c.name])
+        else:
+            reused.append(c.name)
         scores[c.name] = scorer.score(predictions[c.name], validation["rewrite_prompt"].tolist())
         seconds[c.name] = round(time.time() - start, 1)
-        logger.info("%s: validation SCS %.4f (%d rows, %.1f s)", c.name, scores[c.name].mean(), len(validation),
-                    seconds[c.name])
+        logger.info("%s: validation SCS %.4f (%d rows, %.1f s%s)", c.name, scores[c.name].mean(), len(validation),
+                    seconds[c.name], ", predictions reused" if c.name in reused else "")
 
     order = [c.name for c in candidates]
+    decoded = [t for n, t in seconds.items() if n not in reused]  # the unit cost: decoding, not a cache read
     pick = next(c for c in candidates if c.name == choose({n: float(s.mean()) for n, s in scores.items()}, order))
     groups = validation[CLUSTER_COLUMN].to_numpy() if CLUSTER_COLUMN in validation.columns else None
     table = selection_table(scores, order, groups=groups, seed=args.seed)
@@ -195,7 +244,8 @@ def main(args: SelectArguments) -> dict:
                "n_validation": len(validation), "validation_file": str(args.validation), "scorer": scorer.identity,
                "reason": ("no candidate beat SFT on validation: SFT shipped" if pick.kind == "sft" else
                           f"{pick.name} had the highest mean validation SCS"),
-               "seconds_per_candidate": round(float(np.mean(list(seconds.values()))), 1)}
+               "seconds_per_candidate": round(float(np.mean(decoded or [0])), 1),
+               "reused_predictions": reused}
     out = ship(pick, model, args, summary)
     write_table(validation[["id", "rewrite_prompt"]].assign(**{f"pred_{n}": p for n, p in predictions.items()}),
                 out / "validation_predictions.parquet")

@@ -13,7 +13,6 @@ and how long it took. On a re-run (:func:`decide`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -21,19 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from promptrec.tables import file_digest
+
 RECORD = "stage.json"
-
-
-def file_digest(path: Path) -> str:
-    """First 16 hex digits of the sha256 of a file's bytes; ``missing`` when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return "missing"
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def input_digests(paths, root: Path) -> dict[str, str]:

@@ -7,6 +7,7 @@ column or row; entry scripts print it and exit 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -159,3 +160,15 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the sha256 of a file's bytes; ``missing`` when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -112,8 +112,9 @@ def test_select_scores_every_candidate_on_validation_and_ships_the_pick(two_runs
     (args,) = parse_args(module.SelectArguments, args=[
         "--sft_adapter", str(sft), "--po_run", str(po), "--validation", str(tmp_path / "validation.parquet"),
         "--output_dir", str(po / "selected"), "--alphas", "0.5", "--max_new_tokens", "6", "--scorer", "embedded",
-        "--mean_prompt", "Rewrite the text."])
+        "--mean_prompt", "Rewrite the text.", "--prediction_cache", str(tmp_path / "cache")])
     summary = module.main(args)
+    assert summary["reused_predictions"] == ["step1"]  # checkpoint-1 holds SFT's very weights: decoded once
 
     out = po / "selected"
     saved = json.loads((out / "selection.json").read_text())
@@ -136,6 +137,15 @@ def test_select_scores_every_candidate_on_validation_and_ships_the_pick(two_runs
     preds = pd.read_parquet(out / "validation_predictions.parquet")
     assert len(preds) == 6 and {f"pred_{n}" for n in names} <= set(preds.columns)
     assert not (out / "DONE").exists() and not (out / "checkpoint-1").exists()
+
+    again = module.main(args)  # a later selection with the same adapters (a later round, the control, a seed)
+    assert again["reused_predictions"] == ["sft", "step1", "step2"]  # the interpolation is rebuilt and decoded
+    assert again["validation"] == summary["validation"] or [r["mean"] for r in again["validation"]] == pytest.approx(
+        [r["mean"] for r in summary["validation"]])
+    assert pd.read_parquet(out / "validation_predictions.parquet").equals(preds)
+    (tmp_path / "validation.parquet").unlink()
+    validation.head(5).to_parquet(tmp_path / "validation.parquet")  # other rows: nothing may be reused
+    assert module.main(args)["reused_predictions"] == ["step1"]
 
 
 def test_a_shipped_interpolation_loads_as_the_mixed_update(two_runs, tmp_path, monkeypatch):
