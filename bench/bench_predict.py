@@ -1,9 +1,10 @@
-"""Benchmark prediction throughput: dtype × batch size × KV cache, batched vs one row at a time, greedy vs MBR.
+"""Prediction throughput: dtype × batch size × KV cache, batched vs one at a time, greedy vs MBR and reward selection.
 
     python bench/bench_predict.py                         # CPU, embedded SmolLM2, 96 rows of ../shared/data
     python bench/bench_predict.py --rows 32 --max_new_tokens 24 --variants float32:8:dynamic auto:32:auto   # quick
     python bench/bench_predict.py --gpu                   # random-init Mistral-7B shape in 4-bit; skips without CUDA
     python bench/bench_predict.py --single_rows 32 --mbr_candidates 4   # also one row at a time, and greedy vs MBR
+    python bench/bench_predict.py --variants auto:32:auto --mbr_candidates 4 --reward_model checkpoints/reward/<run>
 
 Every variant times ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
 the same real rows. A variant is ``DTYPE:BATCH:CACHE``: DTYPE float32, bfloat16, auto (fp32 on a CPU) or auto_bf16
@@ -12,11 +13,13 @@ dynamic (transformers' default), static or auto (:class:`promptrec.generation.Sa
 The first variant is the baseline (``float32:8:dynamic``, the defaults before the fast CPU path); the last is today's
 default (``auto:32:auto``: fp32, batch 32, static cache on the CPU). Printed per variant: rows/s, × the baseline,
 greedy answers identical to the baseline's, and the peak resident memory (each variant runs in its own process).
-Then the time ~1,400 test rows would take against
-Kaggle's 9-hour limit at today's default. ``--single_rows N`` also times batch size 1 on N rows; ``--mbr_candidates N``
-also times ``--selection mbr`` (greedy + N samples per row). ``--gpu`` builds Mistral-7B-Instruct's shape with random
-weights (saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer:
-random weights rarely emit EOS, so every row generates ``max_new_tokens`` (an upper bound on time); it times
+Then the time ~1,400 test rows would take against Kaggle's 9-hour limit at today's default. ``--single_rows N`` also
+times batch size 1 on N rows; ``--mbr_candidates N`` also times ``--selection mbr`` (greedy + N samples per row), and
+with ``--reward_model DIR`` (a reward/train_rm.py run; without one this part is skipped with a message)
+``--selection reward`` among the same candidates: the same generations and MBR scores plus the reward model's forward
+passes (timed apart), printed as × greedy's time. ``--gpu`` builds Mistral-7B-Instruct's shape with random weights
+(saved once to ``--gpu_model_dir`` in bf16, then loaded in 4-bit NF4 as on Kaggle) and the embedded tokenizer: random
+weights rarely emit EOS, so every row generates ``max_new_tokens`` (an upper bound on time); it times
 ``auto:BATCH:auto`` only.
 """
 
@@ -36,9 +39,10 @@ from promptrec.environment import describe_environment, environment_line
 from promptrec.generation import SamplingParams
 from promptrec.models import generation_dtype, load_model, load_tokenizer
 from promptrec.postprocess import PostprocessConfig
-from promptrec.predict import predict_frame, usable_text_mask
+from promptrec.predict import load_rewarder, predict_frame, usable_text_mask
 from promptrec.scoring import Scorer
-from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table
+from promptrec.selection import SelectionRule
+from promptrec.tables import TRIPLET_COLUMNS, DataError, read_table, require_path
 
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE_ROWS = 1400
@@ -69,11 +73,17 @@ class BenchArguments:
     mbr_candidates: int = field(default=0, metadata={
         "help": "Also time --selection mbr with this many samples per row (0: skip)."})
     mbr_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the MBR candidates."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "A reward/train_rm.py run: with --mbr_candidates N also time --selection reward (none: skipped)."})
     scorer: str = field(default="auto", metadata={
         "help": "MBR scorer: 'auto' (sentence-t5-base when loadable, else the embedded MiniLM), 'embedded', a dir."})
     seed: int = field(default=0, metadata={"help": "Row sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
     variant: str | None = field(default=None, metadata={"help": "(internal) run one variant in this process."})
+
+    def __post_init__(self):
+        if self.reward_model and self.mbr_candidates < 1:
+            raise ValueError("--reward_model needs --mbr_candidates N (the samples it reranks)")
 
 
 def load_rows(args: BenchArguments):
@@ -130,10 +140,28 @@ def parse_variant(text: str) -> tuple[str, int, str]:
     return dtype, int(batch), cache
 
 
+class TimedRewarder:
+    """A reward model whose ``score`` calls are timed (``seconds``), to split reward selection's cost."""
+
+    def __init__(self, rewarder):
+        self.rewarder, self.seconds = rewarder, 0.0
+
+    def score(self, originals, rewrittens, candidates, batch_size: int = 16):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        rewards = self.rewarder.score(originals, rewrittens, candidates, batch_size=batch_size)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return rewards
+
+
 def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, scorer: Scorer | None = None,
-                 kv_cache: str = "auto") -> tuple[dict, list[str]]:
-    """Time ``predict_frame`` on ``test``: greedy, or MBR with ``args.mbr_candidates`` samples when ``scorer``.
-    Returns the figures and the raw greedy answers."""
+                 kv_cache: str = "auto", rewarder=None) -> tuple[dict, list[str]]:
+    """Time ``predict_frame`` on ``test``: greedy, or MBR with ``args.mbr_candidates`` samples when ``scorer``, or
+    reward selection among the same candidates when also ``rewarder``. Returns the figures and the raw greedy
+    answers."""
     params = SamplingParams(max_new_tokens=args.max_new_tokens, kv_cache=kv_cache)
     samples = None
     if scorer is not None:
@@ -142,8 +170,9 @@ def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    rule = SelectionRule("reward") if rewarder is not None else None
     result = predict_frame(test, model, tokenizer, PostprocessConfig(), params, batch_size, args.max_text_tokens,
-                           progress=False, samples=samples, scorer=scorer)
+                           progress=False, samples=samples, scorer=scorer, rule=rule, reward_model=rewarder)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -203,6 +232,18 @@ def run_all_variants(args: BenchArguments) -> list[dict]:
     return results
 
 
+def time_reward(test, model, tokenizer, args: BenchArguments, variant: str, scorer: Scorer) -> dict:
+    """``--selection reward`` on ``test`` with ``args.reward_model`` (loaded in the ``variant``'s dtype) after a
+    warm-up; its figures, with ``reward_model_s`` the seconds in the reward model's forward passes."""
+    dtype, batch, cache = parse_variant(variant)
+    rewarder = TimedRewarder(load_rewarder(args.reward_model, dtype))
+    time_predict(test.head(2), model, tokenizer, args, 2, scorer, cache, rewarder)  # warm-up
+    rewarder.seconds = 0.0
+    figures, _ = time_predict(test, model, tokenizer, args, batch, scorer, cache, rewarder)
+    return dict(figures, candidates=args.mbr_candidates, reward_model=args.reward_model,
+                reward_model_s=round(rewarder.seconds, 2))
+
+
 def main(args: BenchArguments) -> None:
     setup_logging()
     if args.gpu and not torch.cuda.is_available():
@@ -213,6 +254,8 @@ def main(args: BenchArguments) -> None:
         return
     if args.gpu:
         args.variants = [args.variants[-1]]
+    if args.reward_model:
+        require_path(args.reward_model, "directory", hint="--reward_model: a reward/train_rm.py run")  # fail early
     print(environment_line(describe_environment(generation_dtype=", ".join(args.variants))), flush=True)
     print(f"{args.rows} rows, {args.max_new_tokens} new tokens, texts cut to {args.max_text_tokens} tokens; "
           f"baseline {args.variants[0]}, today's default {args.variants[-1]}", flush=True)
@@ -237,6 +280,10 @@ def main(args: BenchArguments) -> None:
         mbr, _ = time_predict(test, model, tokenizer, args, batch, scorer, kv_cache=cache)
         figures.update(mbr=dict(mbr, candidates=args.mbr_candidates, scorer=scorer.name),
                        mbr_over_greedy=round(mbr["seconds"] / default["seconds"], 2))
+        if args.reward_model:
+            reward = time_reward(test, model, tokenizer, args, args.variants[-1], scorer)
+            figures.update(reward=reward, reward_over_greedy=round(reward["seconds"] / default["seconds"], 2),
+                           reward_model_over_greedy=round(reward["reward_model_s"] / default["seconds"], 2))
     kaggle_s = load_s + KAGGLE_ROWS / default["rows_per_s"]
     figures["kaggle_1400_rows_s"] = round(kaggle_s, 1)
     figures["kaggle_fraction_of_9h"] = round(kaggle_s / KAGGLE_LIMIT_S, 4)
@@ -248,6 +295,12 @@ def main(args: BenchArguments) -> None:
     if "mbr" in figures:
         print(f"  mbr (greedy + {args.mbr_candidates} samples, {figures['mbr']['scorer']}) / greedy: "
               f"{figures['mbr_over_greedy']:.2f}x the time")
+        if "reward" in figures:
+            print(f"  reward selection (the same + MBR scores + reward model) / greedy: "
+                  f"{figures['reward_over_greedy']:.2f}x the time ({figures['reward']['rows_per_s']:.3f} rows/s), of "
+                  f"which the reward model's forward passes {figures['reward_model_over_greedy']:.2f}x")
+        else:
+            print("  reward selection: skipped (no --reward_model DIR)")
     where = " (this GPU; a Kaggle T4 is several times slower)" if args.gpu else ""
     print(f"  ~{KAGGLE_ROWS} rows: {kaggle_s / 60:.1f} min incl. {load_s:.0f}s load = "
           f"{100 * figures['kaggle_fraction_of_9h']:.1f}% of Kaggle's 9 h{where}")

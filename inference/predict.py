@@ -2,9 +2,11 @@
 
     python inference/predict.py --adapter checkpoints/sft/<run> --input test.csv --output submission.csv
     python inference/predict.py --model embedded --input test.csv --output submission.csv --append_mean_prompt
+    python inference/predict.py --model embedded --selection reward --reward_model checkpoints/reward/<run>
 
 The base model defaults to the one recorded in the adapter's run_config.json; 4-bit on a GPU, full precision on the
-CPU; greedy unless --temperature > 0. `--help` lists the post-processing switches; `--config x.yaml` takes the
+CPU; greedy unless --temperature > 0; --selection mbr / reward / reward_mbr pick among the greedy answer, samples
+and the mean prompt (inference/README.md). `--help` lists the post-processing switches; `--config x.yaml` takes the
 same keys as YAML. The Kaggle notebook (inference/kaggle_inference.ipynb) runs the same
 `promptrec.predict.predict_file`.
 """

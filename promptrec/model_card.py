@@ -16,7 +16,9 @@ from promptrec.tables import write_json
 
 # stage → (method name, the section of run_config.json holding its trainer's resolved settings)
 METHODS = {"sft": ("SFT", "SFTConfig"), "sft_continued": ("SFT, continued", "SFTConfig"),
-           "dpo": ("DPO", "DPOConfig"), "grpo": ("GRPO", "GRPOConfig")}
+           "dpo": ("DPO", "DPOConfig"), "grpo": ("GRPO", "GRPOConfig"),
+           "reward_model": ("Reward model", "RewardConfig")}
+REWARD_STAGE = "reward_model"  # reward/train_rm.py: a sequence classifier that scores candidate prompts
 TASK = ("**Task.** Given an original text and its rewrite by an LLM, recover the rewrite prompt that produced it "
         "(Kaggle's LLM Prompt Recovery). An answer is scored by SCS: the cosine similarity of the sentence-t5-base "
         "embeddings of the recovered and the true prompt, cubed.")
@@ -37,6 +39,13 @@ def _base(config: RunConfig) -> str:
 
 
 def _data(config: RunConfig) -> str:
+    if config.stage == REWARD_STAGE:
+        pairs = config.sections.get("pairs", {})
+        scorer = (pairs.get("scorer") or {}).get("model", "not recorded")
+        held = f", {pairs['eval_pairs']} eval pairs `{pairs['eval']}`" if pairs.get("eval") else ""
+        return (f"**Data.** SCS-ranked preference pairs (data_generation/build_pairs.py; SCS scorer {scorer}): "
+                f"{pairs.get('train_pairs', '?')} train pairs `{config.trained_on}`{held}; margin column "
+                f"{'on' if pairs.get('margin') else 'off'}. Licence: that of the triplets the pairs were built from.")
     d = config.data
     if d is None:
         return "**Data.** Not recorded."
@@ -66,6 +75,8 @@ def _method(config: RunConfig) -> str:
         loss = training["loss_type"]
         settings.append("loss " + " + ".join(loss if isinstance(loss, list) else [loss]))
     adapter = f"a LoRA adapter ({'; '.join(shape)})" if shape else "a LoRA adapter"
+    if config.stage == REWARD_STAGE:
+        adapter += " and a one-output score head (TRL's Bradley–Terry loss on the pairs)"
     further = ", trained further from the SFT adapter" if config.stage in ("dpo", "grpo", "sft_continued") else ""
     return f"**Method.** {name} (TRL) of {adapter}{further}: {', '.join(settings) or 'settings not recorded'}."
 
@@ -84,6 +95,29 @@ def _scs(config: RunConfig, metrics: dict, measured: dict | None) -> str:
         lines.append(f"- the trainer's own eval (greedy, {scs.get('n')} eval rows of the split, scorer {scorer}, no "
                      f"CI): **{scs[config.stage]:.4f}**" + (f"; on the same rows {others}" if others else ""))
     return "\n".join(lines if len(lines) > 1 else [*lines, "- not measured (the run's SCS eval was off)"])
+
+
+def _ranking(metrics: dict) -> str:
+    ranking = metrics.get("ranking") or {}
+    if not ranking:
+        return "**Held-out ranking.**\n- not measured (no eval pairs)"
+    return (f"**Held-out ranking** ({ranking['pairs']} eval pairs, {ranking['candidates']} distinct candidates).\n"
+            f"- pairwise accuracy (chosen rewarded above rejected): **{ranking['pairwise_accuracy']:.4f}**\n"
+            f"- Spearman of the reward with the true SCS: **{ranking['spearman']:.4f}** pooled, "
+            f"{ranking['spearman_within_prompt']:.4f} within a prompt (mean over {ranking['prompts_ranked']} prompts)")
+
+
+def _how_to_load_reward_model(config: RunConfig) -> str:
+    return "\n".join([
+        "## How to load", "",
+        "With this repository (the base, text budget and 4-bit settings come from `run_config.json`):", "",
+        "```python", "from promptrec.reward_model import load_reward_model",
+        'rm = load_reward_model("<this folder>")',
+        "rm.score(originals, rewrittens, [[candidate, ...], ...])  # per row, one reward per candidate", "```", "",
+        "Reranking at inference: `python inference/predict.py --selection reward --reward_model <this folder> ...`.",
+        f"The input is promptrec's recovery prompt (texts cut to {config.max_text_tokens} tokens each) with the "
+        "candidate as the assistant's reply, through the chat template; the reward is the score head's output at "
+        "the last token that is not padding."])
 
 
 def _how_to_load(config: RunConfig) -> str:
@@ -111,12 +145,17 @@ def model_card(config: RunConfig, metrics: dict, measured: dict | None = None) -
     """The adapter's ``README.md``. ``metrics`` is the run's ``metrics.json`` (its ``scs`` entry: the trainer's eval);
     ``measured`` an optional held-out figure (``mean_scs``, ``ci_low``, ``ci_high``, ``n``, ``where``), e.g. the
     pipeline report's row for this adapter."""
+    reward = config.stage == REWARD_STAGE
     front = ["---", "library_name: peft", *([f"base_model: {config.base_model_id}"] if config.base_model_id else []),
-             "pipeline_tag: text-generation", f"tags: [promptrec, prompt-recovery, lora, {config.stage}]", "---"]
-    title = f"# Prompt-recovery adapter ({METHODS.get(config.stage, (config.stage,))[0]}) for " + str(
-        config.base_model_id or config.model_name_or_path)
-    return "\n\n".join(["\n".join(front), title, TASK, _base(config), _data(config), _method(config),
-                        _scs(config, metrics, measured), _how_to_load(config)]) + "\n"
+             f"pipeline_tag: {'text-classification' if reward else 'text-generation'}",
+             f"tags: [promptrec, prompt-recovery, lora, {config.stage}]", "---"]
+    base = config.base_model_id or config.model_name_or_path
+    title = (f"# Prompt-recovery reward model for {base}" if reward else
+             f"# Prompt-recovery adapter ({METHODS.get(config.stage, (config.stage,))[0]}) for {base}")
+    evaluation = _ranking(metrics) if reward else _scs(config, metrics, measured)
+    loading = _how_to_load_reward_model(config) if reward else _how_to_load(config)
+    return "\n\n".join(["\n".join(front), title, TASK, _base(config), _data(config), _method(config), evaluation,
+                        loading]) + "\n"
 
 
 def write_model_card(run_dir: str | Path, config: RunConfig | None = None, metrics: dict | None = None,

@@ -243,22 +243,32 @@ def keep_cpu_4bit_exact(model) -> None:
 def load_model(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                dtype: str | torch.dtype | None = "auto", device_map=None, is_trainable: bool = False,
                quant_type: str = "nf4", double_quant: bool = True, quant_storage=None, revision: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, num_labels: int | None = None):
     """Load a causal LM, optionally quantised (:func:`quantization_config`) and with a PEFT adapter on top.
 
     ``adapter`` is a directory holding ``adapter_config.json`` (e.g. ``checkpoints/sft/<run>``), loaded trainable
     when ``is_trainable``. The 4-bit compute dtype is ``dtype``; ``device_map`` defaults to :func:`default_device_map`.
     ``revision`` (hub branch, tag or commit) and ``attn_implementation`` (``eager``, ``sdpa``, ``flash_attention_2``;
-    None: the library's default) go to ``from_pretrained``.
+    None: the library's default) go to ``from_pretrained``. ``num_labels`` loads the base as a sequence classifier
+    with that many outputs instead (a reward model: 1; its new ``score`` head drawn from the torch seed).
     """
-    from transformers import AutoModelForCausalLM
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch_dtype = parse_dtype(dtype)
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype, quant_type, double_quant, quant_storage)
     device_map = default_device_map() if device_map is None else device_map
-    optional = {k: v for k, v in (("revision", revision), ("attn_implementation", attn_implementation)) if v}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype,
-                                                 quantization_config=quant, device_map=device_map, **optional)
+    optional = {k: v for k, v in (("revision", revision), ("attn_implementation", attn_implementation),
+                                  ("num_labels", num_labels)) if v}
+    auto_class, quiet = AutoModelForCausalLM, nullcontext()
+    if num_labels:
+        from trl.trainer.reward_trainer import suppress_seqcls_warning  # the head is new, lm_head unused: expected
+
+        auto_class, quiet = AutoModelForSequenceClassification, suppress_seqcls_warning()
+    with quiet:
+        model = auto_class.from_pretrained(resolve_model_path(name), dtype=torch_dtype, quantization_config=quant,
+                                           device_map=device_map, **optional)
     if load_in_4bit:
         keep_cpu_4bit_exact(model)
     if adapter:

@@ -2,10 +2,14 @@
 
 One code path for ``inference/predict.py`` and ``inference/kaggle_inference.ipynb`` (which builds the same
 :class:`PredictArguments` and calls :func:`predict_file`); nothing here imports TRL, so the notebook needs only
-transformers and peft. Input: ``id, original_text, rewritten_text``. Output: ``id, rewrite_prompt`` (every input id
-once, in input order, never a blank prompt), written atomically with the resolved config in ``<stem>.config.json``.
+transformers and peft (except to load a reward model, which imports TRL). Input: ``id, original_text,
+rewritten_text``. Output: ``id, rewrite_prompt`` (every input id once, in input order, never a blank prompt), written
+atomically with the resolved config in ``<stem>.config.json``.
 ``selection="mbr"`` (plus sentence-transformers) picks, among the cleaned greedy answer, mean prompt and sampled
 answers, the one with the highest mean SCS to the others (:mod:`promptrec.selection`), then post-processes it.
+``selection="reward"`` picks among the same candidates by a learned reward model (``reward_model``, a
+reward/train_rm.py run, loaded by :mod:`promptrec.reward_model` only then); ``"reward_mbr"`` by reward plus
+``mbr_weight`` times consensus, each z-scored within the row (:func:`promptrec.selection.rerank_scores`).
 """
 
 from __future__ import annotations
@@ -25,19 +29,30 @@ from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, polic
 from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
 from promptrec.run_config import override_field
 from promptrec.scoring import Scorer, ScorerArguments
-from promptrec.selection import mbr_frame, mbr_pick_counts
-from promptrec.tables import SUBMISSION_COLUMNS, TEST_COLUMNS, DataError, read_table, write_json, write_table
+from promptrec.selection import CANDIDATE_SELECTIONS, Rewarder, SelectionRule, mbr_frame, mbr_pick_counts
+from promptrec.tables import (
+    SUBMISSION_COLUMNS,
+    TEST_COLUMNS,
+    DataError,
+    read_table,
+    require_path,
+    write_json,
+    write_table,
+)
 from promptrec.templates import recovery_messages
 
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("original_text", "rewritten_text")
+SELECTIONS = ("greedy", *CANDIDATE_SELECTIONS)
+# What --raw_output adds, when present, for a selection among candidates (promptrec.selection.mbr_frame).
+CANDIDATE_COLUMNS = ("raw_samples", "candidates", "mbr_scores", "rewards", "selected_index", "selected")
 
 
 @dataclass
 class PredictArguments(ScorerArguments):
     """Where the test rows come from, which policy predicts them and how it decodes. The scorer's options
-    (``--scorer`` …) are used by ``--selection mbr`` only (on Kaggle: ``--scorer`` the attached sentence-t5-base)."""
+    (``--scorer`` …) are used by every selection but greedy (on Kaggle: ``--scorer`` the attached sentence-t5-base)."""
 
     input: str = field(default="test.csv", metadata={
         "help": "Test table with columns id, original_text, rewritten_text (.csv, .jsonl, .parquet or hf:<name>)."})
@@ -75,16 +90,28 @@ class PredictArguments(ScorerArguments):
     raw_output: str | None = field(default=None, metadata={
         "help": "Optional table of id, raw_prediction, rewrite_prompt, to inspect the post-processing."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
-    selection: Literal["greedy", "mbr"] = field(default="greedy", metadata={
-        "help": "'greedy': submit the policy's answer. 'mbr': minimum-Bayes-risk selection among the answer, the mean "
-                "prompt and --num_candidates samples (the candidate with the highest mean SCS to the others)."})
+    selection: Literal["greedy", "mbr", "reward", "reward_mbr"] = field(default="greedy", metadata={
+        "help": "'greedy': submit the policy's answer. The others pick among the answer, the mean prompt and "
+                "--num_candidates samples: 'mbr' the candidate with the highest mean SCS to the others, 'reward' the "
+                "one with the highest reward (--reward_model), 'reward_mbr' the highest z(reward) + --mbr_weight * "
+                "z(mbr score), z-scored within the row."})
     num_candidates: int = field(default=8, metadata={
-        "help": "With --selection mbr: sampled answers per row, besides the greedy answer and the mean prompt "
-                "(so up to num_candidates + 1 generations per row)."})
+        "help": "With a selection other than greedy: sampled answers per row, besides the greedy answer and the mean "
+                "prompt (so up to num_candidates + 1 generations per row)."})
     mbr_temperature: float = field(default=0.8, metadata={
-        "help": "With --selection mbr: sampling temperature of the extra candidates (--top_p applies to them too)."})
+        "help": "With a selection other than greedy: sampling temperature of the extra candidates (--top_p applies "
+                "to them too)."})
     concat_top_k: int = field(default=1, metadata={
-        "help": "With --selection mbr: submit the top-k distinct candidates joined by spaces (1: the pick alone)."})
+        "help": "With a selection other than greedy: submit the top-k distinct candidates joined by spaces (1: the "
+                "pick alone)."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "A reward/train_rm.py run dir: needed by --selection reward and reward_mbr; with --selection mbr the "
+                "rewards are recorded in --raw_output too (the pick stays MBR's)."})
+    mbr_weight: float = field(default=1.0, metadata={
+        "help": "With --selection reward_mbr: weight w of the consensus in z(reward) + w * z(mbr score) (1.0: equal "
+                "weight per standard deviation within the row; choose it on validation rows)."})
+    reward_batch_size: int = field(default=16, metadata={
+        "help": "Candidates per reward-model forward pass."})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -95,22 +122,54 @@ class PredictArguments(ScorerArguments):
             raise ValueError("max_text_tokens must be >= 1")
         if self.kv_cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_cache must be auto, static or dynamic, not {self.kv_cache!r}")
-        if self.selection not in ("greedy", "mbr"):
-            raise ValueError(f"selection must be 'greedy' or 'mbr', not {self.selection!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, not {self.selection!r}")
         if self.num_candidates < 1 or self.concat_top_k < 1 or self.mbr_temperature <= 0:
             raise ValueError("num_candidates and concat_top_k must be >= 1 and mbr_temperature > 0")
+        if self.mbr_weight < 0 or self.reward_batch_size < 1:
+            raise ValueError("mbr_weight must be >= 0 and reward_batch_size >= 1")
+        if self.selection in ("reward", "reward_mbr") and not self.reward_model:
+            raise ValueError(f"--selection {self.selection} needs --reward_model DIR (a reward/train_rm.py run)")
+        if self.reward_model and self.selection == "greedy":
+            raise ValueError("--reward_model needs --selection reward, reward_mbr or mbr (greedy has no candidates)")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, seed=self.seed,
                               kv_cache=self.kv_cache)
 
     def candidate_params(self) -> SamplingParams | None:
-        """How the extra MBR candidates are sampled (``num_candidates`` per row); None in greedy selection."""
-        if self.selection != "mbr":
+        """How the extra candidates are sampled (``num_candidates`` per row); None in greedy selection."""
+        if self.selection == "greedy":
             return None
         # Another seed than sampling_params', so a sampled primary answer is not also sample 1.
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.mbr_temperature, top_p=self.top_p,
                               num_return_sequences=self.num_candidates, seed=self.seed + 1, kv_cache=self.kv_cache)
+
+    def selection_rule(self) -> SelectionRule | None:
+        """How a row's pick is made among its candidates; None in greedy selection."""
+        if self.selection == "greedy":
+            return None
+        return SelectionRule(self.selection, self.mbr_weight, self.concat_top_k, self.reward_batch_size)
+
+    def selection_summary(self, scorer: Scorer | None) -> dict:
+        """The selection settings recorded in ``<stem>.config.json`` (picks are added once predicted)."""
+        summary = {"selection": self.selection}
+        if self.selection != "greedy":
+            summary.update(num_candidates=self.num_candidates, mbr_temperature=self.mbr_temperature, top_p=self.top_p,
+                           concat_top_k=self.concat_top_k, scorer=scorer.identity, reward_model=self.reward_model)
+        if self.selection == "reward_mbr":
+            summary["mbr_weight"] = self.mbr_weight
+        return summary
+
+
+def load_rewarder(path: str, dtype: str = "auto") -> Rewarder:
+    """The reward model of a reward/train_rm.py run dir, computing in the policy's ``--dtype`` (its 4-bit settings
+    are the run's). Imported here, so that greedy and MBR prediction never need :mod:`promptrec.reward_model`; a dir
+    that is no reward-model run is its one-line DataError."""
+    require_path(path, "directory", hint="--reward_model: a reward/train_rm.py run")
+    from promptrec.reward_model import load_reward_model
+
+    return load_reward_model(path, str(generation_dtype(dtype)).removeprefix("torch."))
 
 
 def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
@@ -139,14 +198,14 @@ def usable_text_mask(df: pd.DataFrame) -> pd.Series:
 def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig, params: SamplingParams | None = None,
                   batch_size: int | None = None, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
                   progress: bool = True, samples: SamplingParams | None = None, scorer: Scorer | None = None,
-                  concat_top_k: int = 1) -> pd.DataFrame:
+                  rule: SelectionRule | None = None, reward_model: Rewarder | None = None) -> pd.DataFrame:
     """Predict every row of ``test`` (``id, original_text, rewritten_text``) → ``id, rewrite_prompt, raw_prediction,
     fallback`` in the input order. Rows with a missing text get the mean prompt without a model call
     (``raw_prediction`` empty); ``fallback`` is True where the row had text but the model's answer was unusable
     (:func:`promptrec.postprocess.unusable_reason`), so the mean prompt stands in for it. ``post.mean_prompt`` must
-    already be a prompt, not a path. With ``samples`` (sampling settings of the
-    extra candidates) the prompt is chosen by MBR with ``scorer`` and the frame has the columns of
-    :func:`promptrec.selection.mbr_frame`.
+    already be a prompt, not a path. With ``samples`` (sampling settings of the extra candidates) the prompt is
+    chosen among the candidates by ``rule`` (default MBR) with ``scorer`` (and ``reward_model``, needed by reward
+    selection and otherwise only recorded), and the frame has the columns of :func:`promptrec.selection.mbr_frame`.
     """
     ok = usable_text_mask(test).to_numpy()
     rows = test[ok]
@@ -161,11 +220,11 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
         return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [finalize(c, post) for c in cleaned],
                              "raw_prediction": raw, "fallback": [good and not c for good, c in zip(ok, cleaned)]})
     if scorer is None:
-        raise ValueError("predict_frame: MBR selection (samples=...) needs a scorer")
+        raise ValueError("predict_frame: selection among candidates (samples=...) needs a scorer")
     sampled = iter(generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
                             desc=f"sample x{samples.num_return_sequences}") if conversations else [])
     extra = [next(sampled) if good else [] for good in ok]
-    return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, concat_top_k)
+    return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, rule, reward_model)
 
 
 def validate_submission(submission: pd.DataFrame, ids) -> None:
@@ -180,12 +239,13 @@ def validate_submission(submission: pd.DataFrame, ids) -> None:
 
 
 def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, model=None, tokenizer=None,
-                 scorer: Scorer | None = None) -> pd.DataFrame:
+                 scorer: Scorer | None = None, reward_model: Rewarder | None = None) -> pd.DataFrame:
     """Read ``args.input``, predict, post-process, write ``args.output`` (+ config JSON); return the submission.
 
     Pass ``model``/``tokenizer`` to reuse loaded ones (benchmarks, tests); then ``args.model``/``adapter`` are only
-    recorded, and the text budget comes from ``args.max_text_tokens``. ``scorer`` (MBR only) defaults to
-    ``args.build()``, resolved before the model loads so a bad scorer name fails at once.
+    recorded, and the text budget comes from ``args.max_text_tokens``. ``scorer`` (every selection but greedy)
+    defaults to ``args.build()``, and ``reward_model`` to :func:`load_rewarder` of ``args.reward_model``; both are
+    resolved before the policy loads, so a bad scorer name or reward model dir fails at once.
     """
     start = time.time()
     post = post or PostprocessConfig()
@@ -194,8 +254,10 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     n_bad = int((~usable_text_mask(test)).sum())
     if n_bad:
         logger.warning("%s: %d row(s) with a NaN/empty text get the mean prompt", args.input, n_bad)
-    if args.selection == "mbr" and scorer is None:
+    if args.selection != "greedy" and scorer is None:
         scorer = args.build()  # loads lazily; resolving the name first fails fast on a bad one
+    if args.reward_model and reward_model is None:
+        reward_model = load_rewarder(args.reward_model, args.dtype)
     if model is None:
         policy = policy_of(args)
         model, tokenizer = load_policy(policy, generation_dtype(args.dtype))
@@ -205,16 +267,15 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     torch.manual_seed(args.seed)
     result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
                            resolved["max_text_tokens"], args.progress, samples=args.candidate_params(),
-                           scorer=scorer, concat_top_k=args.concat_top_k)
+                           scorer=scorer, rule=args.selection_rule(), reward_model=reward_model)
     submission = result[list(SUBMISSION_COLUMNS)]
     validate_submission(submission, test["id"])
     output = write_table(submission, args.output)
-    selection = {"selection": args.selection}
-    if args.selection == "mbr":
-        selection.update(num_candidates=args.num_candidates, mbr_temperature=args.mbr_temperature, top_p=args.top_p,
-                         concat_top_k=args.concat_top_k, scorer=scorer.identity, picks=mbr_pick_counts(result, post))
+    selection = args.selection_summary(scorer)
+    if args.selection != "greedy":
+        selection["picks"] = mbr_pick_counts(result, post)
     if args.raw_output:
-        extra = ["raw_samples", "candidates", "mbr_scores", "selected"] if args.selection == "mbr" else []
+        extra = [c for c in CANDIDATE_COLUMNS if c in result]
         write_table(result[["id", "raw_prediction", *extra, "rewrite_prompt"]], args.raw_output)
     n_fallback = int(result["fallback"].sum())  # the model's answer unusable: the mean prompt stood in
     write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "selection": selection,

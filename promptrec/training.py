@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -200,14 +201,16 @@ def training_dtype(training_args, model_args) -> str:
     return f"{weights} weights under {autocast} autocast" if autocast else weights
 
 
-def load_base(model_args, adapter: str | None = None, is_trainable: bool = False):
+def load_base(model_args, adapter: str | None = None, is_trainable: bool = False, num_labels: int | None = None):
     """The base model of ``model_args`` (quantised per its ``load_in_4bit``/``load_in_8bit`` and ``bnb_4bit_*``
-    settings, compute dtype = ``dtype``, by the builder inference uses too), with ``adapter`` on top when given."""
+    settings, compute dtype = ``dtype``, by the builder inference uses too), with ``adapter`` on top when given;
+    a sequence classifier with ``num_labels`` outputs when given (the reward model)."""
     return load_model(model_args.model_name_or_path, adapter=adapter, dtype=dtype_name(model_args),
                       load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
                       quant_type=model_args.bnb_4bit_quant_type, double_quant=model_args.use_bnb_nested_quant,
                       quant_storage=model_args.bnb_4bit_quant_storage, is_trainable=is_trainable,
-                      revision=model_args.model_revision, attn_implementation=model_args.attn_implementation)
+                      revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
+                      num_labels=num_labels)
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -265,17 +268,25 @@ def check_pairs_format(pairs_path: str, max_text_tokens: int | None) -> None:
                         "with --policy_adapter <the SFT run> (build_pairs reads the budget from there)")
 
 
-def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0):
+def read_pairs(path: str, max_pairs: int | None = None, seed: int = 0, keep: tuple[str, ...] = ()):
     """Preference pairs (TRL conversational: ``prompt`` user turns, ``chosen``/``rejected`` one assistant turn
-    each) as a ``Dataset`` of ``prompt, chosen, rejected``; extra columns (``id, score_*, source_*``) are dropped."""
+    each) as a ``Dataset`` of ``prompt, chosen, rejected``; extra columns (``id, score_*, source_*``) are dropped,
+    except the ``keep`` ones, which must then be there (``score_chosen`` and ``score_rejected`` must be numbers)."""
     from datasets import Dataset
 
-    df = read_table(path, required=("prompt", "chosen", "rejected"))
+    df = read_table(path, required=("prompt", "chosen", "rejected", *keep))
     if max_pairs and max_pairs < len(df):
         df = df.sample(n=max_pairs, random_state=seed).sort_index()
+    for col in {"score_chosen", "score_rejected"} & set(keep):
+        values = pd.to_numeric(df[col], errors="coerce")
+        if not values.map(math.isfinite).all():
+            row = int((~values.map(math.isfinite)).to_numpy().nonzero()[0][0]) + 1
+            raise DataError(f"{path}: column '{col}' row {row} is not a number ({df[col].iloc[row - 1]!r:.40})")
+        df[col] = values.astype(float)
     roles = (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))
-    return Dataset.from_list([{col: _messages(getattr(r, col), role, f"{path}: column '{col}' row {i}")
-                               for col, role in roles} for i, r in enumerate(df.itertuples(index=False), start=1)])
+    return Dataset.from_list([{**{col: _messages(getattr(r, col), role, f"{path}: column '{col}' row {i}")
+                                  for col, role in roles}, **{col: getattr(r, col) for col in keep}}
+                              for i, r in enumerate(df.itertuples(index=False), start=1)])
 
 
 def share_across_ranks(dataset, directory: Path, training_args):
@@ -434,12 +445,20 @@ def sft_run_config(script_args, training_args, model_args, model, tokenizer, lor
                    data: TrainingData) -> RunConfig:
     """The :class:`RunConfig` an SFT run writes: the base (``model`` as loaded, before the adapter) and how it was
     loaded, the prompt format of ``tokenizer`` and ``script_args.max_text_tokens``, the LoRA targets, the data."""
-    return RunConfig(stage="sft", **_model_fields(model_args), base_model_id=hub_id(model_args.model_name_or_path),
+    return new_adapter_run_config("sft", script_args, training_args, model_args, model, tokenizer, lora_targets,
+                                  data=data)
+
+
+def new_adapter_run_config(stage: str, script_args, training_args, model_args, model, tokenizer, lora_targets,
+                           data: TrainingData | None = None, trained_on: str | None = None, **extra) -> RunConfig:
+    """The :class:`RunConfig` of a run that trained a new LoRA adapter on ``model_args``' base (SFT, the reward
+    model): as :func:`sft_run_config`, with its ``stage``, what it ``trained_on`` and ``extra`` top-level keys."""
+    return RunConfig(stage=stage, **_model_fields(model_args), base_model_id=hub_id(model_args.model_name_or_path),
                      base_shape=model_shape(model.config), tokenizer=model_args.model_name_or_path,
                      chat_template=chat_template_name(tokenizer), max_text_tokens=script_args.max_text_tokens,
                      lora_target_modules=sorted(lora_targets), lora_r=model_args.lora_r,
-                     lora_alpha=model_args.lora_alpha, data=data,
-                     sections=run_sections(script_args, training_args, model_args))
+                     lora_alpha=model_args.lora_alpha, data=data, trained_on=trained_on,
+                     sections=run_sections(script_args, training_args, model_args, **extra))
 
 
 def continued_run_config(stage: str, sft: RunConfig, script_args, training_args, model_args,

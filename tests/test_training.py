@@ -19,18 +19,22 @@ from promptrec.training import check_lora_targets, lora_config, read_pairs, rows
 
 SFT_RECIPES = sorted((REPO / "sft" / "configs").glob("*.yaml"))
 DPO_RECIPES = sorted((REPO / "dpo" / "configs").glob("*.yaml"))
+RM_RECIPES = sorted((REPO / "reward" / "configs").glob("rm_*.yaml"))  # reward/configs' other recipes: test_reward.py
 LAUNCHERS = sorted((REPO / "dpo" / "accelerate").glob("*.yaml"))
 
 
 # Each entry script's parser: (script arguments dataclass, TRL config class).
 PARSERS = {"sft/train.py": ("SFTScriptArguments", "SFTConfig"), "dpo/train.py": ("DPOScriptArguments", "DPOConfig"),
-           "dpo/grpo.py": ("GRPOScriptArguments", "GRPOConfig")}
+           "dpo/grpo.py": ("GRPOScriptArguments", "GRPOConfig"),
+           "reward/train_rm.py": ("RMScriptArguments", "RewardConfig")}
 
 
 def recipe_script(path, stage=None) -> str:
-    """The entry script a recipe is for: ``<stage>/grpo.py`` for ``grpo_*.yaml``, else ``<stage>/train.py``."""
+    """The entry script a recipe is for: ``<stage>/grpo.py`` for ``grpo_*.yaml``, ``<stage>/train_rm.py`` for
+    ``rm_*.yaml``, else ``<stage>/train.py``."""
     stage = stage or path.parent.parent.name
-    return f"{stage}/grpo.py" if path.name.startswith("grpo_") else f"{stage}/train.py"
+    prefixes = {"grpo_": "grpo.py", "rm_": "train_rm.py"}
+    return f"{stage}/" + next((s for p, s in prefixes.items() if path.name.startswith(p)), "train.py")
 
 
 def parse_recipe(path, *overrides, stage=None, script=None):
@@ -47,8 +51,8 @@ def parse_recipe(path, *overrides, stage=None, script=None):
                       args=["--config", str(path), *cpu, *overrides])
 
 
-@pytest.mark.parametrize("path", SFT_RECIPES + DPO_RECIPES + LAUNCHERS, ids=lambda p: f"{p.parent.parent.name}/"
-                         f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", SFT_RECIPES + DPO_RECIPES + RM_RECIPES + LAUNCHERS,
+                         ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.name}")
 def test_every_recipe_and_launcher_config_parses(path):
     if path.parent.name == "accelerate":
         from accelerate.commands.config.config_args import load_config_from_file
@@ -62,9 +66,11 @@ def test_every_recipe_and_launcher_config_parses(path):
     # every value arrives as the recipe writes it (none overwritten or mis-typed), and the ones that matter are set
     assert recipe_mismatches(path, script_args, training_args, model_args) == {}
     written = set(yaml.safe_load(path.read_text()))
-    needs = ({"beta", "loss_type"} if path.parent.parent.name == "dpo"
-             else {"model_name_or_path", "lora_r", "max_text_tokens"})
-    assert needs | {"learning_rate", "scorer"} <= written and written & {"max_steps", "num_train_epochs"}
+    stage = path.parent.parent.name
+    needs = {"dpo": {"beta", "loss_type", "scorer"},
+             "reward": {"model_name_or_path", "lora_r", "train_pairs", "eval_pairs"}}.get(  # no SCS eval: no scorer
+        stage, {"model_name_or_path", "lora_r", "max_text_tokens", "scorer"})
+    assert needs | {"learning_rate"} <= written and written & {"max_steps", "num_train_epochs"}
     assert training_args.output_dir.startswith("checkpoints/")
     if path.parent.parent.name == "dpo":  # decided once, by the SFT run: read back from its run_config.json
         assert all(getattr(model_args, name) is None for name in INHERITED) and script_args.sft_adapter
@@ -224,12 +230,12 @@ def test_read_pairs_checks_the_conversational_format(tmp_path):
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """``(script, args)`` of every train/grpo/merge command in sft/README.md and dpo/README.md (accelerate's own flags
-    dropped after checking that its config file exists)."""
+    """``(script, args)`` of every train/grpo/train_rm/merge command in sft/, dpo/ and reward/README.md (accelerate's
+    own flags dropped after checking that its config file exists)."""
     import shlex
 
     found = []
-    for readme in ("sft/README.md", "dpo/README.md"):
+    for readme in ("sft/README.md", "dpo/README.md", "reward/README.md"):
         text = (REPO / readme).read_text().replace("\\\n", " ")
         for line in text.splitlines():
             if not line.startswith(("python ", "accelerate ")):
