@@ -144,13 +144,16 @@ def pairwise_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequenc
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get their average rank); nan with fewer than 2 values or a constant side."""
-    a, b = pd.Series(x, dtype=float).rank().to_numpy(), pd.Series(y, dtype=float).rank().to_numpy()
+    """Spearman's rank correlation (scipy's; ties get their average rank); nan with fewer than 2 values or a constant
+    side."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if a.size != b.size:
         raise ValueError(f"{a.size} vs {b.size} values")
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def _prompt_key(prompt) -> str:

@@ -257,11 +257,16 @@ def _messages(value, role: str, where: str) -> list[dict]:
     return messages
 
 
+def pairs_summary(pairs_path: str) -> dict:
+    """The ``summary.json`` data_generation/build_pairs.py wrote beside the pairs (``{}`` when there is none)."""
+    path = Path(pairs_path).with_name("summary.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def check_pairs_format(pairs_path: str, max_text_tokens: int | None) -> None:
-    """Pairs must be rendered with the text budget the policy trained with; ``summary.json`` beside them (written
-    by data_generation/build_pairs.py) records theirs. Raises :class:`DataError` when the two differ."""
-    summary = Path(pairs_path).with_name("summary.json")
-    recorded = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    """Pairs must be rendered with the text budget the policy trained with; their :func:`pairs_summary` records
+    theirs. Raises :class:`DataError` when the two differ."""
+    recorded = pairs_summary(pairs_path)
     if "max_text_tokens" in recorded and recorded["max_text_tokens"] != max_text_tokens:
         raise DataError(f"{pairs_path}: its prompts cut texts to {recorded['max_text_tokens']} tokens, the policy "
                         f"trained with max_text_tokens {max_text_tokens}; rebuild the pairs from candidates made "

@@ -25,7 +25,6 @@ reward with their true SCS), curves.png. Load it with :func:`promptrec.reward_mo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from promptrec.training import (
     load_base,
     lora_config,
     new_adapter_run_config,
+    pairs_summary,
     read_pairs,
     resolve_resume,
     rows_consumed,
@@ -77,12 +77,6 @@ class RMScriptArguments:
             self.eval_pairs = None
         if any(n is not None and n < 1 for n in (self.max_train_pairs, self.max_eval_pairs)):
             raise ValueError("max_train_pairs and max_eval_pairs must be >= 1")
-
-
-def pairs_summary(pairs_path: str) -> dict:
-    """The ``summary.json`` build_pairs wrote beside the pairs (``{}`` when there is none)."""
-    path = Path(pairs_path).with_name("summary.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def text_budget(script_args: RMScriptArguments) -> int | None:
