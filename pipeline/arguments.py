@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from sizes import SIZES  # pipeline/sizes.py, beside this script
 
-STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "dpo", "iterate", "control", "grpo",
-          "predict", "report")
+STAGES = ("rewrite", "split", "mean_prompt", "sft", "candidates", "pairs", "reward", "dpo", "iterate", "control",
+          "grpo", "predict", "report")
 
 
 @dataclass
@@ -49,6 +49,14 @@ class PipelineArguments:
     mbr_candidates: int = field(default=0, metadata={
         "help": "N > 0: the predict stage also decodes the last DPO adapter (the iterate stage's, else dpo's) by MBR "
                 "over N samples, its greedy answer and the mean prompt (inference/predict.py --selection mbr)."})
+    reward_recipe: str | None = field(default=None, metadata={
+        "help": "Reward-model recipe (reward/train_rm.py, e.g. reward/configs/rm_smollm2.yaml); unset: no reward "
+                "stage. The reward stage pairs round 1's SCS-scored candidates without the true prompt "
+                "(--reward_pairs_recipe) and trains a reward model on them; the predict stage then adds the rows RM "
+                "rerank, RM + MBR and oracle, all on the MBR row's N samples (needs --mbr_candidates N; the MBR "
+                "weight of RM + MBR is chosen on validation rows: docs/reward_model.md)."})
+    reward_pairs_recipe: str = field(default="data_generation/configs/pairs_rm_smollm2.yaml", metadata={
+        "help": "Pairs recipe of the reward model's pairs (build_pairs.py; the true prompt never chosen)."})
     max_text_tokens: int = field(default=100, metadata={"help": "Token budget of each text in the recovery prompt."})
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out for the report."})
     validation_fraction: float = field(default=0.2, metadata={
@@ -68,6 +76,7 @@ class PipelineArguments:
     sft_steps: int | None = field(default=None, metadata={"help": "Override the size's SFT steps."})
     dpo_steps: int | None = field(default=None, metadata={"help": "Override the size's DPO steps."})
     grpo_steps: int | None = field(default=None, metadata={"help": "Override the size's GRPO steps."})
+    reward_steps: int | None = field(default=None, metadata={"help": "Override the size's reward-model steps."})
     max_heldout: int | None = field(default=None, metadata={"help": "Override the size's held-out rows scored."})
     max_validation: int | None = field(default=None, metadata={
         "help": "Override the size's cap on validation rows scored per candidate (None: every validation row)."})
@@ -78,7 +87,8 @@ class PipelineArguments:
                 "instructions, faster there; otherwise the recipe decides). A bf16 base on top gave only 1.05-1.11x "
                 "and is not used (bench/README.md)."})
     extra: list[str] = field(default_factory=list, metadata={
-        "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'."})
+        "help": "Per-stage overrides 'stage:--key value…', e.g. dpo:--beta=0.2 'dpo:--loss_type ipo hinge'; the "
+                "reward stage's pairs take 'reward_pairs:…', its trainer 'reward:…'."})
     force: list[str] = field(default_factory=list, metadata={
         "help": f"Stages to redo from scratch although their settings and inputs did not change (a stage whose "
                 f"settings or inputs changed re-runs by itself, and so does every stage that reads its output): any "
@@ -106,6 +116,8 @@ class PipelineArguments:
             raise ValueError(f"validation_fraction must be in (0, 1), not {self.validation_fraction}")
         if self.dpo_rounds < 1 or self.mbr_candidates < 0:
             raise ValueError("dpo_rounds must be >= 1 and mbr_candidates >= 0")
+        if self.reward_recipe and not self.mbr_candidates:
+            raise ValueError("reward_recipe needs mbr_candidates > 0: the reward model reranks the MBR row's samples")
         if self.until not in STAGES:
             raise ValueError(f"until must be one of {', '.join(STAGES)}, not {self.until!r}")
 

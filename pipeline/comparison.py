@@ -19,6 +19,7 @@ from promptrec.environment import NOT_RECORDED, describe_environment, environmen
 from promptrec.evaluation import bootstrap_ci
 from promptrec.plots import figure
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, PostprocessConfig, postprocess, resolve_mean_prompt
+from promptrec.rerank import ROWS as REWARD_ROWS
 from promptrec.tables import write_json
 
 # Report rows by stable id: display label and what the method is. Files, seeds.py and report.json use the ids.
@@ -43,6 +44,12 @@ ROWS = {
                              "greedy"),
     "mbr": ("MBR decoding", "the last DPO adapter's greedy answer, N samples and the mean prompt; the one with the "
                             "highest mean SCS to the others is submitted (inference/predict.py --selection mbr)"),
+    "rm": ("RM rerank", "among the MBR row's candidates (same N samples), the one the learned reward model scores "
+                        "highest (reward/train_rm.py on round 1's candidates, the true prompt never chosen)"),
+    "rm_mbr": ("RM + MBR", "among the same candidates, the highest z(reward) + w·z(MBR score), w chosen on validation "
+                           "rows (predict/rerank.json)"),
+    "oracle": ("oracle: best of the same N by truth", "among the same candidates, the one with the highest SCS "
+                                                      "against the true prompt: an upper bound, not a method"),
 }
 # The stages whose output each row depends on (the report names the invocation that produced each).
 PRODUCED_BY = {"constant": (), "mean_prompt": ("split", "mean_prompt"), "base": ("split", "predict"),
@@ -52,6 +59,7 @@ PRODUCED_BY = {"constant": (), "mean_prompt": ("split", "mean_prompt"), "base": 
                "control": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "control", "predict"),
                "grpo": ("split", "sft", "grpo", "predict"),
                "mbr": ("split", "sft", "candidates", "pairs", "dpo", "iterate", "predict")}
+PRODUCED_BY |= {row: (*PRODUCED_BY["mbr"], "reward") for row in REWARD_ROWS}
 
 
 def row_label(row: str, info: dict | None = None) -> str:
@@ -59,7 +67,7 @@ def row_label(row: str, info: dict | None = None) -> str:
     info, label = info or {}, ROWS[row][0]
     if row == "iterate" and info.get("dpo_rounds"):
         return f"{label} ({info['dpo_rounds']} rounds)"
-    if row == "mbr" and info:
+    if row in ("mbr", *REWARD_ROWS) and info:
         return f"{label} ({info['greedy']}, N={info['num_candidates']})"
     return label
 
@@ -238,6 +246,40 @@ def drift_lines(rows: list[dict]) -> list[str]:
     return ["Opening words of the held-out answers:", "", *out, ""] if out else []
 
 
+def headroom_lines(run_dir: Path, by_id: dict[str, dict], groups) -> list[str]:
+    """Markdown: the share of the oracle's headroom over greedy that each reranking row recovers, (row − greedy) /
+    (oracle − greedy) of the means, with a 95% bootstrap interval, and what the validation rows chose
+    (docs/reward_model.md)."""
+    from promptrec.evaluation import ratio_ci
+
+    greedy = predicted_rows(run_dir)["rm"]["greedy"]
+    paths = RunPaths(run_dir)
+    chosen = json.loads(paths.rerank.read_text())["validation"] if paths.rerank.is_file() else None
+    base, oracle = np.array(by_id[greedy]["scores"]), np.array(by_id["oracle"]["scores"])
+    lines = []
+    for row in ("mbr", "rm", "rm_mbr"):
+        if row in by_id:
+            gain, headroom = np.array(by_id[row]["scores"]) - base, oracle - base
+            if headroom.mean() <= 0:  # no headroom to recover: no share
+                by_id[row]["headroom_share"] = None
+                lines.append(f"- {by_id[row]['method']}: — (the oracle is no better than {by_id[greedy]['method']})")
+                continue
+            low, high = ratio_ci(gain, headroom, groups=groups)
+            share = float(gain.mean() / headroom.mean())
+            by_id[row]["headroom_share"] = {"mean": share, "low": None if np.isnan(low) else low,
+                                            "high": None if np.isnan(high) else high}
+            interval = "undefined" if np.isnan(low) else f"{low:.0%} … {high:.0%}"
+            lines.append(f"- {by_id[row]['method']}: {share:.0%} of the oracle's headroom over "
+                         f"{by_id[greedy]['method']} (95% CI {interval})")
+    if chosen:
+        means = ", ".join(f"{rule} {m:.4f}" for rule, m in chosen["means"].items())
+        rho = chosen["spearman_within_row"]
+        lines.append(f"- Chosen on {chosen['rows']} validation rows: MBR weight w = {chosen['mbr_weight']:g} of "
+                     f"{', '.join(chosen['hybrid_means'])} (validation means: {means}); Spearman of reward with true "
+                     f"SCS within a row's candidates: {'—' if rho is None else f'{rho:+.3f}'}")
+    return ["Share of the oracle headroom recovered (same candidates):", "", *lines, ""]
+
+
 def _fmt_diff(r: dict) -> str:
     return "—" if r["vs_sft"] is None else f"{r['vs_sft']:+.4f} ({r['vs_sft_low']:+.3f} … {r['vs_sft_high']:+.3f})"
 
@@ -276,8 +318,12 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
     last_po = "iterate" if "iterate" in by_id else "dpo"
     pairs = [("sft", "base")] + ([("mbr", predicted_rows(run_dir)["mbr"]["greedy"])] if "mbr" in by_id else [])
     pairs += [(last_po, "control")] if "control" in by_id and last_po in by_id else []  # more PO or more SFT?
+    if "rm" in by_id:  # issue 24's comparisons (docs/reward_model.md), all on the MBR row's samples
+        greedy = predicted_rows(run_dir)["rm"]["greedy"]
+        pairs += [("rm", greedy), ("rm_mbr", greedy), ("rm", "mbr"), ("oracle", greedy)]
     for a, b in pairs:
         comparisons[f"{a} − {b}"] = paired(np.array(by_id[a]["scores"]), np.array(by_id[b]["scores"]), groups)
+    headroom = headroom_lines(run_dir, by_id, groups) if "rm" in by_id else []
     environment = ran_on(run_dir)
     md = [f"# Prompt recovery: held-out comparison ({run_dir.name})", "",
           f"Data: {source}. {len(truth)} held-out rows ({truth['rewrite_prompt'].nunique()} prompts) held out by "
@@ -287,7 +333,8 @@ def build_report(run_dir: Path, scorer_name: str, out_dir: Path) -> dict:
           f"{'prompt clusters' if groups is not None else 'rows'}; paired differences are over the same rows.", "",
           f"Ran on: {environment_line(environment)}.", "",
           table, "", *[f"{labels[a]} − {labels[b]}, paired: {m:+.4f} (95% CI {lo:+.3f} … {hi:+.3f}).  "
-                       for (a, b), (m, lo, hi) in zip(pairs, comparisons.values())], "", "What each row is:", ""]
+                       for (a, b), (m, lo, hi) in zip(pairs, comparisons.values())], "", *headroom,
+          "What each row is:", ""]
     md += [f"- **{r['method']}**: {ROWS[r['id']][1]}" for r in rows]
     md += ["", *selection_lines(run_dir), *drift_lines(rows), *provenance_lines(stages, rows),
            "![mean SCS per method](report.png)", ""]

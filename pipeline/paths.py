@@ -24,9 +24,12 @@ class RunPaths:
         self.mean_prompt = r / "mean_prompt" / "mean_prompt.json"
         self.sft, self.candidates, self.pairs, self.dpo, self.grpo = (r / s for s in
                                                                      ("sft", "candidates", "pairs", "dpo", "grpo"))
+        self.reward = r / "reward"  # the reward model's pairs (reward/pairs) and its run (reward/model)
+        self.reward_pairs, self.reward_model = self.reward / "pairs", self.reward / "model"
         self.control = r / "control"  # "SFT, continued": the compute-matched control of the DPO stages
         self.predict = r / "predict"
         self.predicted_rows = r / "predict" / "rows.json"  # what the predict stage decoded, per report row id
+        self.rerank = r / "predict" / "rerank.json"  # the reward rows' choices on validation (docs/reward_model.md)
         self.report_md, self.report_json = r / "report.md", r / "report.json"
 
     def stage(self, name: str) -> Path:
@@ -45,8 +48,13 @@ class RunPaths:
         """What the last DPO round shipped: the iterate stage's last round's pick, or the dpo stage's."""
         return self.selected(self.round(rounds) / "dpo" if rounds > 1 else self.dpo)
 
-    def prediction(self, row: str) -> Path:
-        return self.predict / f"{row}.csv"
+    def prediction(self, row: str, side: str = "test") -> Path:
+        """Row ``row``'s submission on the test rows, or (``side`` "validation") on the validation rows."""
+        return self.predict / f"{row}.csv" if side == "test" else self.predict / side / f"{row}.csv"
+
+    def raw_prediction(self, row: str, side: str = "test") -> Path:
+        """The raw output (candidates and their scores) beside :meth:`prediction`."""
+        return self.prediction(row, side).with_suffix(".raw.parquet")
 
     @staticmethod
     def adapter_files(run: Path) -> list[Path]:

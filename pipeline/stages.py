@@ -21,6 +21,7 @@ from cache import command_settings
 from paths import RunPaths
 
 from promptrec.corpus import REFERENCE, reference_triplets_path
+from promptrec.rerank import ROWS as REWARD_ROWS
 from promptrec.run_config import data_licence
 from promptrec.tables import DataError, write_json, write_table
 from promptrec.triplets import read_triplets
@@ -62,10 +63,11 @@ class Job:
         return self.args.knob(name)
 
     def script(self, stage: str, script: str, *cli, name: str = "", out: Path | None = None,
-               also: tuple[str, ...] = ()) -> Step:
-        """A step that runs ``script`` with ``cli`` plus the ``--extra`` overrides given for ``stage`` (after those
-        given for the stages in ``also``: the control takes SFT's)."""
-        extra = [a for s in (*also, stage) for e in self.args.extra if e.startswith(f"{s}:")
+               also: tuple[str, ...] = (), key: str | None = None) -> Step:
+        """A step that runs ``script`` with ``cli`` plus the ``--extra`` overrides given for ``key`` (default: the
+        stage's name; a stage with two scripts gives each its own), after those given for the keys in ``also`` (the
+        control takes SFT's)."""
+        extra = [a for s in (*also, key or stage) for e in self.args.extra if e.startswith(f"{s}:")
                  for a in shlex.split(e.split(":", 1)[1])]
         argv = [*map(str, cli), *extra]
         settings = command_settings(script, argv, REPO, self.paths.root)
@@ -160,11 +162,12 @@ def candidates_step(job: Job, out: Path, policy: Path, triplets: Path, name: str
                       out=out if name else None)
 
 
-def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "") -> Step:
+def pairs_step(job: Job, out: Path, candidates_dir: Path, name: str = "", stage: str = "pairs",
+               recipe: str | None = None, key: str | None = None) -> Step:
     # tokenizer and text budget: the sampled policy's, as its run_config.json records it
-    return job.script("pairs", "data_generation/build_pairs.py", "--config", job.args.pairs_recipe, "--candidates",
-                      candidates_dir / "candidates.parquet", "--scorer", job.args.scorer, "--output_dir", out,
-                      *job.seed, name=name, out=out if name else None)
+    return job.script(stage, "data_generation/build_pairs.py", "--config", recipe or job.args.pairs_recipe,
+                      "--candidates", candidates_dir / "candidates.parquet", "--scorer", job.args.scorer,
+                      "--output_dir", out, *job.seed, name=name, out=out if name else None, key=key)
 
 
 def dpo_step(job: Job, out: Path, start: Path, pairs_dir: Path, name: str, reference: Path | None = None) -> Step:
@@ -188,6 +191,21 @@ def select_step(job: Job, po_run: Path, start: Path, name: str, interpolate: boo
                       "--mean_prompt", p.mean_prompt, "--scorer", a.scorer, "--alphas", alphas, "--checkpoints",
                       str(a.select_checkpoints > 1).lower(), "--output_dir", p.selected(po_run), *job.seed, name=name,
                       out=p.selected(po_run))
+
+
+def reward(job: Job) -> list[Step]:
+    """The reward model (issue 24): pairs of round 1's SCS-scored candidates without the true prompt
+    (``reward_pairs_recipe``), then reward/train_rm.py on their train side."""
+    a, p = job.args, job.paths
+    if not a.reward_recipe:
+        return [Step("", {"reward": "off (no reward_recipe)"}, lambda: print("no reward_recipe: no reward model",
+                                                                            flush=True))]
+    pairs = pairs_step(job, p.reward_pairs, p.candidates, "pairs", "reward", a.reward_pairs_recipe, "reward_pairs")
+    train = job.script("reward", "reward/train_rm.py", "--config", a.reward_recipe, "--model_name_or_path", a.model,
+                       "--train_pairs", p.reward_pairs / "train.jsonl", "--eval_pairs", p.reward_pairs / "eval.jsonl",
+                       "--max_steps", job.knob("reward_steps"), "--output_dir", p.reward_model, *a.training_cli(),
+                       *job.seed, name="model", out=p.reward_model)
+    return [pairs, train]
 
 
 def evenly(steps: int, n: int = 4, limit: int | None = None) -> list:
@@ -333,14 +351,53 @@ def predict(job: Job) -> list[Step]:
         rows[row] = {"adapter": str(adapter) if adapter else None, "selection": "greedy"}
     if a.mbr_candidates:
         last, greedy = p.last_dpo(a.dpo_rounds), "iterate" if a.dpo_rounds > 1 else "dpo"
-        steps.append(job.script("predict", "inference/predict.py", "--adapter", last, "--input", p.test_csv,
-                                "--output", p.prediction("mbr"), *mean, "--selection", "mbr", "--num_candidates",
-                                a.mbr_candidates, "--scorer", a.scorer, "--seed", a.seed, name="mbr",
-                                out=p.predict / "mbr"))
-        rows["mbr"] = {"adapter": str(last), "selection": "mbr", "greedy": greedy, "num_candidates": a.mbr_candidates}
+        sides = {"test": p.test_csv} | ({"validation": p.validation} if a.reward_recipe else {})
+        for side, rows_file in sides.items():  # one sampled decode per side; with a reward model, rewards recorded
+            rm = ["--reward_model", p.reward_model, "--raw_output", p.raw_prediction("mbr", side)] if a.reward_recipe \
+                else []
+            steps.append(job.script("predict", "inference/predict.py", "--adapter", last, "--input", rows_file,
+                                    "--output", p.prediction("mbr", side), *mean, "--selection", "mbr",
+                                    "--num_candidates", a.mbr_candidates, "--scorer", a.scorer, *rm, "--seed", a.seed,
+                                    name="mbr" if side == "test" else f"mbr_{side}", out=p.predict / f"mbr_{side}"))
+        info = {"adapter": str(last), "greedy": greedy, "num_candidates": a.mbr_candidates}
+        rows["mbr"] = {**info, "selection": "mbr"}
+        if a.reward_recipe:
+            steps.append(Step("rerank", {"rows": "rm rm_mbr oracle"}, lambda: rerank_rows(job)))
+            rows |= {row: {**info, "selection": row, "reward_model": str(p.reward_model)} for row in REWARD_ROWS}
     rows = {row: {**info, "dpo_rounds": a.dpo_rounds} if row == "iterate" else info for row, info in rows.items()}
     steps.append(Step("rows", {"rows": " ".join(rows)}, lambda: write_json(rows, p.predicted_rows)))
     return steps
+
+
+def rerank_rows(job: Job) -> None:
+    """The rows RM rerank, RM + MBR and oracle, picked from the MBR decode's recorded scores (promptrec/rerank.py):
+    the hybrid's weight is chosen on the validation decode, then every rule picks among the test rows' candidates,
+    post-processed as the MBR row was (its ``predict/mbr.config.json``)."""
+    import json
+
+    import pandas as pd
+
+    from promptrec.postprocess import PostprocessConfig
+    from promptrec.rerank import rerank_rows as picked
+    from promptrec.rerank import validation_choice
+    from promptrec.scoring import Scorer
+    from promptrec.tables import read_table
+
+    p, scorer = job.paths, Scorer(job.args.scorer)
+    recorded = json.loads(p.prediction("mbr").with_suffix(".config.json").read_text())
+    post = PostprocessConfig(**recorded["postprocess"])  # as the MBR row was finalised (--extra 'predict:…' too)
+    if recorded["args"].get("concat_top_k", 1) != 1:
+        raise DataError("the reward rows pick one candidate a row: drop --concat_top_k from the predict stage")
+    val_path, test_path = p.raw_prediction("mbr", "validation"), p.raw_prediction("mbr")
+    val_raw, raw = read_table(val_path), read_table(test_path)
+    val_truth = read_table(p.validation).set_index("id").loc[val_raw["id"], "rewrite_prompt"].tolist()
+    validation = validation_choice(val_raw, val_truth, scorer, post.mean_prompt, str(val_path))
+    truth = read_table(p.truth_csv).set_index("id").loc[raw["id"], "rewrite_prompt"].tolist()  # the oracle's only
+    for row, prompts in picked(raw, truth, scorer, validation["mbr_weight"], post, str(test_path)).items():
+        write_table(pd.DataFrame({"id": raw["id"], "rewrite_prompt": prompts}), p.prediction(row))
+    write_json({"validation": validation, "rule": "docs/reward_model.md"}, p.rerank)
+    logger.info("Rerank: MBR weight %s chosen on %d validation rows (%s)", validation["mbr_weight"],
+                validation["rows"], validation["hybrid_means"])
 
 
 def report(job: Job) -> list[Step]:
@@ -356,7 +413,16 @@ def _adapter(job: Job, run: Path) -> list[Path]:
 
 
 def _predictions(job: Job) -> list[Path]:
-    return [job.paths.prediction(r) for r in (*predicted_adapters(job), *(["mbr"] if job.args.mbr_candidates else []))]
+    a = job.args
+    rows = (*predicted_adapters(job), *(["mbr"] if a.mbr_candidates else []),
+            *(REWARD_ROWS if a.reward_recipe else []))
+    return [job.paths.prediction(r) for r in rows]
+
+
+def _reward_model(job: Job) -> list[Path]:
+    rm = job.paths.reward_model  # a reward model has no SFT rows (split.parquet) to carry on
+    names = ("adapter_model.safetensors", "adapter_config.json", "run_config.json")
+    return [rm / n for n in names] if job.args.reward_recipe else []
 
 
 STAGE_TABLE = (
@@ -371,6 +437,8 @@ STAGE_TABLE = (
     Stage("pairs", lambda j: [j.paths.candidates / "candidates.parquet"],
           lambda j: [pairs_step(j, j.paths.pairs, j.paths.candidates)],
           lambda j: [j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"]),
+    Stage("reward", lambda j: [j.paths.candidates / "candidates.parquet"] if j.args.reward_recipe else [], reward,
+          _reward_model),
     Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl",
                             j.paths.validation, j.paths.mean_prompt], dpo,
           lambda j: _adapter(j, j.paths.selected(j.paths.dpo))),
@@ -385,8 +453,10 @@ STAGE_TABLE = (
     Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo,
           lambda j: _adapter(j, j.paths.grpo) if j.args.grpo_recipe else []),
     Stage("predict", lambda j: [j.paths.test_csv, j.paths.mean_prompt, *(
-        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a))], predict,
-        lambda j: [*_predictions(j), j.paths.predicted_rows]),
-    Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *_predictions(j)], report,
+        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a)), *_reward_model(j),
+        *([j.paths.validation, j.paths.truth_csv] if j.args.reward_recipe else [])], predict,
+        lambda j: [*_predictions(j), j.paths.predicted_rows, *([j.paths.rerank] if j.args.reward_recipe else [])]),
+    Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *_predictions(j),
+                               *([j.paths.rerank] if j.args.reward_recipe else [])], report,
           lambda j: [j.paths.report_md, j.paths.report_json]),
 )

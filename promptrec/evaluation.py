@@ -7,6 +7,7 @@ Submission columns: ``id, rewrite_prompt``; truth: ``id, rewrite_prompt[, catego
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,28 @@ def align_predictions(predictions: pd.DataFrame, truth: pd.DataFrame, allow_blan
     return out
 
 
+def _grouped(values: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Per resampling unit (a row, or with ``groups`` a whole group): the sum of ``values`` (shape (n,) or (n, m)
+    for m statistics at once) and the row count."""
+    if groups is None:
+        return values, np.ones(len(values))
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    if values.ndim == 1:
+        return np.bincount(index, weights=values), np.bincount(index).astype(np.float64)
+    sums = np.stack([np.bincount(index, weights=values[:, j]) for j in range(values.shape[1])], axis=1)
+    return sums, np.bincount(index).astype(np.float64)
+
+
+def _resampled_sums(sums: np.ndarray, counts: np.ndarray, n_resamples: int, seed: int):
+    """Yield (summed values, summed counts) of ``n_resamples`` bootstrap resamples of the units, in blocks that keep
+    the (resamples × units) index matrix near 10M entries for large submissions."""
+    rng = np.random.default_rng(seed)
+    block = max(1, 10_000_000 // len(sums))
+    for start in range(0, n_resamples, block):
+        pick = rng.integers(0, len(sums), size=(min(n_resamples, start + block) - start, len(sums)))
+        yield sums[pick].sum(axis=1), counts[pick].sum(axis=1)
+
+
 def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
                  groups=None) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (shape (n,)): resample rows with replacement.
@@ -85,22 +108,55 @@ def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, confidence: float 
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-        sums, counts = np.bincount(index, weights=values), np.bincount(index).astype(np.float64)
-    else:
-        sums, counts = values, np.ones_like(values)
-    means = np.empty(n_resamples)
-    # Blocks keep the (resamples × n) index matrix near 10M entries for large submissions.
-    block = max(1, 10_000_000 // len(sums))
-    for start in range(0, n_resamples, block):
-        stop = min(n_resamples, start + block)
-        pick = rng.integers(0, len(sums), size=(stop - start, len(sums)))
-        means[start:stop] = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    sums, counts = _grouped(values, groups)
+    means = np.concatenate([s / c for s, c in _resampled_sums(sums, counts, n_resamples, seed)])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def ratio_ci(numerator: np.ndarray, denominator: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95,
+             seed: int = 0, groups=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(numerator) / mean(denominator)`` over paired rows (shape (n,)),
+    resampling rows or whole ``groups`` as :func:`bootstrap_ci` does (same seed, same resamples). NaN when the
+    ratio is undefined in more than the interval's tail share of resamples (a denominator <= 0: e.g. no headroom),
+    rather than an interval conditional on the resamples where it happens to exist."""
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"ratio_ci: numerator shape {num.shape} vs denominator {den.shape}")
+    if len(num) == 0:
+        return (math.nan, math.nan)
+    sums, counts = _grouped(np.stack([num, den], axis=1), groups)
+    both = np.concatenate([s for s, _ in _resampled_sums(sums, counts, n_resamples, seed)])
+    defined = both[:, 1] > 0
+    tail = (1 - confidence) / 2
+    if (~defined).mean() > tail:
+        return (math.nan, math.nan)
+    ratios = np.where(defined, both[:, 0] / np.where(defined, both[:, 1], 1.0), np.inf)  # undefined: off the top
+    low, high = np.percentile(ratios, [tail * 100, 100 - tail * 100])
+    return float(low), float(high)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (scipy's; ties get their average rank); nan with fewer than 2 values or a constant
+    side."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size:
+        raise ValueError(f"{a.size} vs {b.size} values")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def within_group_spearman(groups: Iterable[tuple[Sequence[float], Sequence[float]]], min_size: int = 3
+                          ) -> tuple[float, int]:
+    """Mean :func:`spearman` over the groups (each an (x, y) pair, e.g. one prompt's rewards and true scores) with
+    at least ``min_size`` values that vary on both sides, and how many such groups there were (nan, 0 without)."""
+    rhos = [spearman(x, y) for x, y in groups if len(x) >= min_size]
+    rhos = [r for r in rhos if not np.isnan(r)]
+    return (float(np.mean(rhos)) if rhos else float("nan")), len(rhos)
 
 
 def summarise(rows: pd.DataFrame, scores: np.ndarray, scorer_identity: dict, n_resamples: int = 1000,

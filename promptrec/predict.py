@@ -107,6 +107,9 @@ class PredictArguments(ScorerArguments):
     reward_model: str | None = field(default=None, metadata={
         "help": "A reward/train_rm.py run dir: needed by --selection reward and reward_mbr; with --selection mbr the "
                 "rewards are recorded in --raw_output too (the pick stays MBR's)."})
+    reward_base: str | None = field(default=None, metadata={
+        "help": "A local copy of the reward model's base (offline, e.g. a Kaggle dataset); default: the base its "
+                "run_config.json records. Checked against the run's fingerprint of that base."})
     mbr_weight: float = field(default=1.0, metadata={
         "help": "With --selection reward_mbr: weight w of the consensus in z(reward) + w * z(mbr score) (1.0: equal "
                 "weight per standard deviation within the row; choose it on validation rows)."})
@@ -162,14 +165,14 @@ class PredictArguments(ScorerArguments):
         return summary
 
 
-def load_rewarder(path: str, dtype: str = "auto") -> Rewarder:
+def load_rewarder(path: str, dtype: str = "auto", base: str | None = None, allow_override: bool = False) -> Rewarder:
     """The reward model of a reward/train_rm.py run dir, computing in the policy's ``--dtype`` (its 4-bit settings
     are the run's). Imported here, so that greedy and MBR prediction never need :mod:`promptrec.reward_model`; a dir
     that is no reward-model run is its one-line DataError."""
     require_path(path, "directory", hint="--reward_model: a reward/train_rm.py run")
     from promptrec.reward_model import load_reward_model
 
-    return load_reward_model(path, str(generation_dtype(dtype)).removeprefix("torch."))
+    return load_reward_model(path, str(generation_dtype(dtype)).removeprefix("torch."), base, allow_override)
 
 
 def read_test_table(path: str, nan_texts: str = "error") -> pd.DataFrame:
@@ -257,7 +260,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     if args.selection != "greedy" and scorer is None:
         scorer = args.build()  # loads lazily; resolving the name first fails fast on a bad one
     if args.reward_model and reward_model is None:
-        reward_model = load_rewarder(args.reward_model, args.dtype)
+        reward_model = load_rewarder(args.reward_model, args.dtype, args.reward_base, args.allow_config_override)
     if model is None:
         policy = policy_of(args)
         model, tokenizer = load_policy(policy, generation_dtype(args.dtype))

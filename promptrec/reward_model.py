@@ -21,11 +21,13 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from promptrec.evaluation import spearman, within_group_spearman
 from promptrec.models import load_model, load_tokenizer
 from promptrec.run_config import RUN_CONFIG, RunConfig, read_run_config
 from promptrec.tables import DataError
@@ -113,19 +115,23 @@ class RewardModel:
         return np.array([found[tuple(x)] for x in ids], dtype=np.float64)
 
 
-def load_reward_model(path: str, dtype: str = "auto") -> RewardModel:
+def load_reward_model(path: str, dtype: str = "auto", base: str | None = None,
+                      allow_override: bool = False) -> RewardModel:
     """The reward model saved by reward/train_rm.py in ``path``: its base (``run_config.json``: model, revision,
     4-bit/8-bit settings as trained; ``dtype`` ``auto``: bf16/fp16 on a GPU, fp32 on the CPU) as a sequence
     classifier, the adapter and score head on top, in eval mode, with the tokenizer saved beside it and the run's
-    text budget. A folder that is no reward-model run is a one-line :class:`~promptrec.tables.DataError`."""
+    text budget. ``base``: a local copy of that base (offline, e.g. a Kaggle dataset), checked against the run's
+    fingerprint of it. A folder that is no reward-model run, or another base (unless ``allow_override``), is a
+    one-line :class:`~promptrec.tables.DataError`."""
     run = read_run_config(path)
     if run.stage != STAGE:
         raise DataError(f"{path}: {RUN_CONFIG} says stage {run.stage!r}, not a reward model ({STAGE}, saved by "
                         "reward/train_rm.py)")
+    base = run.agree("model_name_or_path", base, allow_override, where=str(Path(path) / RUN_CONFIG))
     tokenizer = load_tokenizer(path)
-    logger.info("Loading reward model %s on %s (%s)", path, run.model_name_or_path,
+    logger.info("Loading reward model %s on %s (%s)", path, base,
                 "4-bit" if run.load_in_4bit else "8-bit" if run.load_in_8bit else dtype)
-    model = load_model(run.model_name_or_path, adapter=path, dtype=dtype, load_in_4bit=run.load_in_4bit,
+    model = load_model(base, adapter=path, dtype=dtype, load_in_4bit=run.load_in_4bit,
                        load_in_8bit=run.load_in_8bit, quant_type=run.bnb_4bit_quant_type,
                        double_quant=run.use_bnb_nested_quant, quant_storage=run.bnb_4bit_quant_storage,
                        revision=run.model_revision, num_labels=1)
@@ -141,19 +147,6 @@ def pairwise_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequenc
     if chosen.shape != rejected.shape:
         raise ValueError(f"{chosen.size} chosen but {rejected.size} rejected rewards")
     return float(np.mean(chosen > rejected)) if chosen.size else float("nan")
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (scipy's; ties get their average rank); nan with fewer than 2 values or a constant
-    side."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if a.size != b.size:
-        raise ValueError(f"{a.size} vs {b.size} values")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def _prompt_key(prompt) -> str:
@@ -187,11 +180,9 @@ def ranking_metrics(pairs: pd.DataFrame, candidates: pd.DataFrame, rewards: Sequ
     reward_of = {(_prompt_key(p), c): r for p, c, r in zip(table["prompt"], table["candidate"], table["reward"])}
     chosen = [reward_of[(_prompt_key(r.prompt), _answer_text(r.chosen))] for r in pairs.itertuples(index=False)]
     rejected = [reward_of[(_prompt_key(r.prompt), _answer_text(r.rejected))] for r in pairs.itertuples(index=False)]
-    within = [spearman(t["reward"], t["score"]) for _, t in table.groupby("group") if len(t) >= 3]
-    within = [w for w in within if not np.isnan(w)]
+    within, ranked = within_group_spearman((t["reward"], t["score"]) for _, t in table.groupby("group"))
     return {"pairs": len(pairs), "pairwise_accuracy": pairwise_accuracy(chosen, rejected),
             "mean_reward_chosen": float(np.mean(chosen)) if chosen else float("nan"),
             "mean_reward_rejected": float(np.mean(rejected)) if rejected else float("nan"),
             "candidates": len(table), "spearman": spearman(table["reward"], table["score"]),
-            "spearman_within_prompt": float(np.mean(within)) if within else float("nan"),
-            "prompts_ranked": len(within)}
+            "spearman_within_prompt": within, "prompts_ranked": ranked}

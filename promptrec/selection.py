@@ -33,7 +33,6 @@ from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize,
 from promptrec.scoring import scs_matrix
 
 TIE_DECIMALS = 9  # scores equal to this many decimals tie (sums of the same values in another order differ by ulps)
-SAVE_DECIMALS = 6  # of the mbr_scores and rewards written per candidate (enough to recompute the picks offline)
 CANDIDATE_SELECTIONS = ("mbr", "reward", "reward_mbr")
 
 
@@ -229,7 +228,9 @@ def reward_rows(rows: Sequence[Sequence[str]], sources, rewarder: Rewarder, batc
 
 
 def _saved(scores) -> str:
-    return json.dumps([round(float(x), SAVE_DECIMALS) for x in scores])
+    """Scores as written per candidate: rounded as the picks round them (``TIE_DECIMALS``), so a pick recomputed from
+    the file (promptrec/rerank.py) is the pick made here."""
+    return json.dumps([float(x) for x in np.round(np.asarray(scores, dtype=np.float64), TIE_DECIMALS)])
 
 
 def mbr_frame(ids, raw: list[str], extra: list[list[str]], ok, sources, post: PostprocessConfig, scorer: Encoder,

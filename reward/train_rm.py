@@ -127,6 +127,10 @@ def main(script_args: RMScriptArguments, training_args: RewardConfig, model_args
     # ---------------------------------------------------------------------------------------------- setup
     setup_logging(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     logger.info("Script %s\nModel %s", script_args, model_args)
+    if script_args.eval_pairs and Path(script_args.eval_pairs).is_file() and not Path(script_args.eval_pairs).stat(
+            ).st_size:  # build_pairs writes an empty file when no eval example gave a pair (tiny runs, strict recipes)
+        logger.warning("%s holds no pairs: training without eval", script_args.eval_pairs)
+        script_args.eval_pairs = None
     script_args.max_text_tokens = text_budget(script_args)
 
     # -------------------------------------------------------------------------------------------- dataset

@@ -46,7 +46,8 @@ def dpo_command(run: Path) -> list[str]:
     record = json.loads((run / "dpo" / "stage.json").read_text())
     if record.get("status") != "done":
         raise SystemExit(f"{run}/dpo/stage.json: the run's DPO stage has not finished")
-    command = next(c for c in record["commands"] if "dpo/train.py" in c)
+    commands = record["commands"]  # step name → command line (pipeline/cache.py)
+    command = next(c for c in (commands.values() if isinstance(commands, dict) else commands) if "dpo/train.py" in c)
     return shlex.split(command)
 
 

@@ -9,21 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Every optional stage at its smallest: a second DPO round (6 fresh triplets a round), GRPO with 2 answers of 8
-# tokens per prompt for one step, MBR decoding over 2 samples
+# tokens per prompt for one step, MBR decoding over 2 samples, a reward model (2 steps) reranking those samples
 GRPO_EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
               "--max_completion_length 8")
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
             "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",
             "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--control", "true", "--control_seconds", "10",
-            "--extra", GRPO_EXTRA]
+            "--reward_recipe", "reward/configs/rm_smollm2.yaml", "--extra", GRPO_EXTRA]
 SKIPPED = "done before with the same settings and inputs, skipped"
-# constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, SFT continued, GRPO, MBR
-METHODS = 10
+# constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, SFT continued, GRPO, MBR,
+# RM rerank, RM + MBR, oracle
+METHODS = 13
 
 
 def assert_round_two_is_on_policy(run_dir: Path) -> None:
@@ -69,6 +71,31 @@ def assert_choices_made_on_validation(run_dir: Path, md: str) -> None:
     assert (run_dir / "control" / "selected" / "selection.json").exists()
 
 
+def assert_reward_rows(run_dir: Path, report: dict, md: str) -> None:
+    """The reward stage trained on pairs whose chosen side is never the true prompt; the RM rows are picks among
+    the MBR decode's own candidates, the hybrid weight was chosen on the validation decode; the oracle bounds them."""
+    pairs = pd.read_json(run_dir / "reward" / "pairs" / "train.jsonl", lines=True)
+    assert len(pairs) and "true" not in set(pairs.source_chosen)
+    metrics = json.loads((run_dir / "reward" / "model" / "metrics.json").read_text())
+    assert json.loads((run_dir / "reward" / "model" / "run_config.json").read_text())["stage"] == "reward_model"
+    assert "train" in metrics
+    rerank = json.loads((run_dir / "predict" / "rerank.json").read_text())["validation"]
+    assert rerank["mbr_weight"] in (0.25, 0.5, 1.0, 2.0) and rerank["rows"] == 8  # tiny: 8 validation rows
+    assert (run_dir / "predict" / "validation" / "mbr.raw.parquet").is_file()  # the weight's own decode
+    raw = pd.read_parquet(run_dir / "predict" / "mbr.raw.parquet")
+    from promptrec.rerank import recorded, rule_picks
+
+    _, mbr, rewards = recorded(raw)
+    assert rule_picks("mbr", mbr, rewards) == raw.selected_index.tolist()  # the file re-picks what predict picked
+    rm = pd.read_csv(run_dir / "predict" / "rm.csv")
+    assert rm.id.tolist() == raw.id.tolist() and rm.rewrite_prompt.str.strip().astype(bool).all()
+    for prompt, candidates, r in zip(rm.rewrite_prompt, raw.candidates, rewards):
+        if len(r):  # the highest reward (the first of equals), not the MBR pick
+            assert prompt == json.loads(candidates)[int(np.argmax(np.round(r, 9)))]
+    assert {"rm − iterate", "rm_mbr − iterate", "rm − mbr", "oracle − iterate"} <= set(report["paired"])
+    assert "of the oracle's headroom" in md and "Chosen on 8 validation rows" in md
+
+
 @pytest.mark.slow
 def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir):
     run_dir = tmp_path / "run"
@@ -85,11 +112,13 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     for stage in ("sft", "dpo", "grpo", "iterate/round2/dpo"):
         assert (run_dir / stage / "adapter_config.json").exists()
     assert {"mbr − iterate", "iterate − control"} <= set(report["paired"]) and [r["id"] for r in report["rows"]] == [
-        "constant", "mean_prompt", "base", "sft", "dpo", "dpo_mean", "iterate", "control", "grpo", "mbr"]
+        "constant", "mean_prompt", "base", "sft", "dpo", "dpo_mean", "iterate", "control", "grpo", "mbr", "rm",
+        "rm_mbr", "oracle"]
     assert "MBR decoding (iterate, N=2) − iterative DPO adapter (2 rounds), paired" in md
     assert "prompt clusters" in md  # the intervals resample clusters, not rows
     assert_round_two_is_on_policy(run_dir)
     assert_choices_made_on_validation(run_dir, md)
+    assert_reward_rows(run_dir, report, md)
     recorded = {r["id"]: r["fallbacks"] for r in report["rows"]}  # answers the mean prompt stood in for
     assert recorded["constant"] is None and "| mean-prompt fallbacks |" in md
     for name in ("base", "sft", "dpo", "iterate", "control", "grpo", "mbr"):
@@ -104,7 +133,7 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
                 if line.startswith("=== [")}, proc
 
     plan, second = again()  # unchanged: every stage skipped, no command started
-    assert list(plan.values()) == [SKIPPED] * 12 and "$ " not in second.stderr
+    assert list(plan.values()) == [SKIPPED] * 13 and "$ " not in second.stderr
     plan, _ = again("--size", "small", "--dry_run", "true")  # another size: every stage that depends on it
     assert plan["rewrite"] == SKIPPED  # the same 504 bundled rows at every size
     assert "max_heldout 6 → 120" in plan["split"] and "max_steps 2 → 40" in plan["sft"]
@@ -138,8 +167,11 @@ def test_readme_pipeline_commands_and_configs_parse():
     for argv in commands:
         (args,) = parse_args(cls, args=argv)
         for recipe in (args.sft_recipe, args.candidates_recipe, args.pairs_recipe, args.dpo_recipe,
-                       args.grpo_recipe or args.dpo_recipe):
+                       args.grpo_recipe or args.dpo_recipe, args.reward_recipe or args.dpo_recipe,
+                       args.reward_pairs_recipe):
             assert (REPO / recipe).is_file(), recipe
+    (real,) = parse_args(cls, args=["--config", str(REPO / "pipeline/configs/real_gemma.yaml")])
+    assert real.reward_recipe == "reward/configs/rm_smollm2.yaml" and real.mbr_candidates == 4  # on there
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from stage_helpers import (
 )
 
 from promptrec.cli import parse_args, run_main
+from promptrec.evaluation import spearman
 from promptrec.reward_model import (
     RewardModel,
     eval_candidates,
@@ -35,8 +37,8 @@ from promptrec.reward_model import (
     preference_ids,
     ranking_metrics,
     reward_input_ids,
-    spearman,
 )
+from promptrec.tables import DataError
 from promptrec.templates import preference_example, recovery_messages
 
 RECIPES = REPO / "reward" / "configs"
@@ -190,6 +192,40 @@ def test_a_short_fit_ranks_the_truth_above_garbage(fitted):
                        [[t[1], unseen[i % 2]] for i, t in enumerate(TINY_TRIPLETS)])
     margins = [r[0] - r[1] for r in rewards]
     assert all(m > 0 for m in margins), margins
+
+
+@pytest.mark.slow
+def test_an_offline_copy_of_the_base_loads_and_another_base_stops(fitted, embedded_model_dir, tiny_base,
+                                                                  monkeypatch):
+    """Kaggle has no hub: the reward model loads on a local copy of its base (predict --reward_base, the notebook's
+    REWARD_BASE) with the same rewards; a different model stops in one line naming both."""
+    import promptrec.reward_model as rm_module
+
+    texts = ([TINY_TRIPLETS[0][0]], [TINY_TRIPLETS[0][2]], [[TINY_TRIPLETS[0][1], GARBAGE[0]]])
+    want = load_reward_model(str(fitted)).score(*texts)
+    loaded = []
+
+    def spy(name, **kwargs):
+        loaded.append(name)
+        return load_model(name, **kwargs)
+
+    load_model = rm_module.load_model
+    monkeypatch.setattr(rm_module, "load_model", spy)
+    got = load_reward_model(str(fitted), base=str(embedded_model_dir)).score(*texts)
+    assert loaded == [str(embedded_model_dir)] and np.allclose(got[0], want[0], atol=1e-5)
+    with pytest.raises(DataError, match=re.escape(f"model_name_or_path: '{tiny_base}' given, 'embedded' in")):
+        load_reward_model(str(fitted), base=str(tiny_base))
+    assert len(loaded) == 1  # stopped before loading anything
+
+
+def test_an_empty_eval_file_trains_without_eval(pairs, tiny_base, tmp_path):
+    """build_pairs writes an empty eval.jsonl when no eval example gave a pair (tiny runs, the reward recipe's
+    strict pairs): the reward model then trains without eval instead of stopping."""
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("")
+    trainer = train(rm_args(pairs, tmp_path / "run", "--max_steps", "1", "--eval_pairs", str(empty),
+                            "--eval_strategy", "steps", "--eval_steps", "1", base=tiny_base))
+    assert trainer.state.global_step == 1 and trainer.eval_dataset is None
 
 
 @pytest.mark.slow
