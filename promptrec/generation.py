@@ -31,7 +31,6 @@ class SamplingParams:
     num_return_sequences: int = 1
     seed: int = 0
     kv_cache: str = "auto"
-    share_prefill: bool = True  # sampled, n > 1: one prefill per prompt, its KV cache copied to the n samples
 
     def generate_kwargs(self, device: torch.device | None = None) -> dict:
         """``generate`` keywords. On the CPU the KV cache is static (written in place): transformers' default dynamic
@@ -90,21 +89,6 @@ def sampling_processors(params: SamplingParams, seeds: Sequence[int], top_k: int
     return processors
 
 
-def shared_prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, copies: int):
-    """The KV cache of every left-padded prompt but its last token, computed once and repeated ``copies`` times
-    along the batch (row r's copies adjacent, as ``repeat_interleave``), for ``generate(past_key_values=...)`` on the
-    repeated prompts: their ``copies`` samples then share one prefill instead of paying one each. Positions are the
-    ones ``generate`` derives from the attention mask, so the continuation sees the cache it would have built."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(copies)
-    return cache
-
-
 def default_batch_size() -> int:
     """Rows per generate call where a caller sets none. CPU: 32 (bench/bench_predict.py, 2 cores, bf16, texts cut to 64
     tokens: 1.5x the rows/s of 8; 64 rows gained 2% more for 3x the memory). GPU: 8, as before (a 7B model's batch
@@ -158,17 +142,12 @@ def iter_generate(model, tokenizer, conversations: Sequence[list[dict]], params:
         for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             attention[row, width - len(ids[i]):] = 1
-        kwargs = gen_kwargs
         if sampled:
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            if n > 1 and params.share_prefill and width > 1:
-                kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
-                kwargs["past_key_values"] = shared_prefill(model, input_ids, attention, n)
             input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
             seeds = [row_seed(params.seed, ids[i], k) for i in batch for k in range(n)]
-            kwargs["logits_processor"] = sampling_processors(params, seeds, top_k)
+            gen_kwargs["logits_processor"] = sampling_processors(params, seeds, top_k)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             pad_token_id=pad_id, **kwargs)
+                             pad_token_id=pad_id, **gen_kwargs)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         yield batch, [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(batch))]
         bar.update(len(batch))
