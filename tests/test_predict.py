@@ -341,7 +341,8 @@ def test_cli_reward_selection_end_to_end(tmp_path, test_csv, embedded_model_dir,
 
     monkeypatch.setattr(promptrec.cli, "setup_logging", lambda *a, **k: None)  # keep pytest's log handlers
     rewards = FakeRewardModel()  # by length: the longest candidate wins
-    monkeypatch.setattr(predict_module, "load_rewarder", lambda path, dtype: rewards if Path(path).is_dir() else None)
+    monkeypatch.setattr(predict_module, "load_rewarder",
+                        lambda path, dtype, base=None, allow_override=False: rewards if Path(path).is_dir() else None)
     out, raw_path = tmp_path / "sub.csv", tmp_path / "raw.jsonl"
     argv = ["--input", str(test_csv), "--output", str(out), "--raw_output", str(raw_path), "--selection", "reward",
             "--reward_model", str(tmp_path), "--num_candidates", "2", "--scorer", "embedded", "--max_new_tokens", "4",
