@@ -19,6 +19,14 @@ Drift controls (issue 23; both off by default), applied to each side's pairs by 
   of a side's chosen answers; pairs of a word above it are dropped, smallest margin first (1: off).
 
 ``summary.json`` records what each dropped per side and the chosen answers' opening words (``drift_controls``).
+
+Reward-labelled pairs (West-of-N, issue 24): ``--reward_model DIR`` (a reward/train_rm.py run) labels each candidate
+with the reward model's score instead of its SCS against the true prompt, so pairs need no known prompt: the
+triplets may lack ``rewrite_prompt`` (then ``--split_by id``), and ``--min_margin`` is in reward units. E.g. the
+policy's own samples only, best against worst of N:
+
+    python data_generation/build_pairs.py --candidates DIR/candidates.parquet --reward_model checkpoints/reward/RUN \
+        --strategy best_vs_worst --min_margin 0 --max_pairs_per_example 1
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +66,8 @@ class PairArguments(ScorerArguments):
         "help": "Triplets with ids (default: triplets.parquet beside the candidates)."})
     output_dir: str | None = field(default=None, metadata={"help": "Output folder (default: pairs/ beside them)."})
     strategy: str = field(default="best_vs_worst", metadata={"help": f"One of {', '.join(P.STRATEGIES)}."})
-    min_margin: float = field(default=0.1, metadata={"help": "Smallest score_chosen - score_rejected kept."})
+    min_margin: float = field(default=0.1, metadata={
+        "help": "Smallest score_chosen - score_rejected kept (SCS units; reward units with --reward_model)."})
     k: int = field(default=2, metadata={"help": "k of topk_bottomk."})
     max_pairs_per_example: int | None = field(default=4, metadata={"help": "Cap per example (largest margins)."})
     allow_true_chosen: bool = field(default=True, metadata={"help": "May the true prompt be the chosen side?"})
@@ -70,6 +80,11 @@ class PairArguments(ScorerArguments):
         "help": "Each text is cut to this many tokens in the prompt. Default: the run_config.json of the SFT run "
                 "candidates.manifest.json names (a value given must agree with it), else 256."})
     allow_config_override: bool = override_field()
+    reward_model: str | None = field(default=None, metadata={
+        "help": "Label candidates by this reward model (a reward/train_rm.py run) instead of SCS against the true "
+                "prompt: West-of-N pairs, for texts without a known prompt."})
+    reward_base: str | None = field(default=None, metadata={
+        "help": "With --reward_model: a local copy of its base (offline); default: the base its run recorded."})
     split_by: str = field(default="prompt", metadata={"help": f"Group kept on one side: {', '.join(SPLIT_BY)}."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of groups in eval."})
     cluster_threshold: float = field(default=0.85, metadata={
@@ -99,9 +114,13 @@ class PairArguments(ScorerArguments):
 
 def load_examples(args: PairArguments) -> pd.DataFrame:
     """One row per triplet with its candidate and source lists (triplets without candidates are dropped); the
-    ``--rejected_sources`` must be among the candidates' sources."""
+    ``--rejected_sources`` must be among the candidates' sources. With ``--reward_model`` the triplets need no
+    ``rewrite_prompt`` (then they are split by id)."""
     cands = read_table(args.candidates, required=("id", "candidate", "source"), text_columns=("candidate", "source"))
-    triplets = read_table(args.triplets, required=("id", "original_text", "rewrite_prompt", "rewritten_text"))
+    known = ("rewrite_prompt",) if not args.reward_model or args.split_by != "id" else ()
+    triplets = read_table(args.triplets, required=("id", "original_text", *known, "rewritten_text"))
+    if "rewrite_prompt" not in triplets.columns:
+        triplets["rewrite_prompt"] = None
     cands["id"], triplets["id"] = cands["id"].astype(str), triplets["id"].astype(str)
     unknown = set(cands["id"]) - set(triplets["id"])
     if unknown:
@@ -114,21 +133,37 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
 
 
-def score_examples(args: PairArguments, scorer, examples: pd.DataFrame, parts_dir: Path,
+def labeller(args: PairArguments, scorer) -> tuple[dict, Callable[[pd.DataFrame], list]]:
+    """(identity, label): what labels the candidates and the function giving a block of examples' label arrays,
+    one score per candidate: SCS against the true prompt, or with ``--reward_model`` the reward model's score."""
+    if not args.reward_model:
+        return scorer.identity, lambda rows: scorer.score_candidates(rows["candidates"].tolist(),
+                                                                     rows["rewrite_prompt"].tolist())
+    from promptrec.predict import load_rewarder
+
+    rm = load_rewarder(args.reward_model, base=args.reward_base, allow_override=args.allow_config_override)
+    identity = {"model": "reward_model", "reward_model": str(Path(args.reward_model).resolve()),
+                "base": rm.run.model_name_or_path if rm.run else None}
+    return identity, lambda rows: rm.score(rows["original_text"].tolist(), rows["rewritten_text"].tolist(),
+                                           rows["candidates"].tolist())
+
+
+def score_examples(args: PairArguments, labels: tuple[dict, Callable], examples: pd.DataFrame, parts_dir: Path,
                    chunk: int = 256) -> pd.DataFrame | None:
-    """Score every example's candidates, ``chunk`` examples at a time, resumably and sharded over processes; the
-    scored rows (``id, candidates, sources, scores``) on rank 0."""
+    """Label every example's candidates (``labels``: :func:`labeller`'s), ``chunk`` examples at a time, resumably
+    and sharded over processes; the scored rows (``id, candidates, sources, scores``) on rank 0."""
+    who, label = labels
     identity = parts_dir / "scorer.json"
-    if identity.exists() and json.loads(identity.read_text(encoding="utf-8")) != scorer.identity:
+    if identity.exists() and json.loads(identity.read_text(encoding="utf-8")) != who:
         raise DataError(f"{parts_dir} holds scores from another scorer ({identity.read_text().strip()}); "
                         "use a new --output_dir")
     if dist_info()[0] == 0:
-        write_json(scorer.identity, identity)
+        write_json(who, identity)
 
     def work(todo, writer):
         for start in tqdm(range(0, len(todo), chunk), desc="score", unit="chunk"):
             rows = examples.iloc[todo[start:start + chunk]]
-            scores = scorer.score_candidates(rows["candidates"].tolist(), rows["rewrite_prompt"].tolist())
+            scores = label(rows)
             writer.append({"id": i, "candidates": c, "sources": s, "scores": sc.tolist()}
                           for i, c, s, sc in zip(rows["id"], rows["candidates"], rows["sources"], scores))
 
@@ -139,7 +174,7 @@ def prompt_format(args: PairArguments) -> tuple[str, int | None]:
     """(tokenizer, text budget) to render the pairs' prompts in: those of the policy the candidates sampled, which
     ``candidates.manifest.json`` names. An SFT run (the one DPO starts from) is read through
     :func:`promptrec.policy.resolve_policy` (``--max_text_tokens`` must agree with its RunConfig); a base policy
-    alone gives the flags, else its name and 256."""
+    alone gives the flags, else its name and 256. A ``--tokenizer`` other than the sampled run's base stops."""
     manifest = Path(args.candidates).with_name("candidates.manifest.json")
     recorded = (json.loads(manifest.read_text(encoding="utf-8")).get("policy") if manifest.is_file() else None) or {}
     kept = manifest.with_name("policy")  # candidates.py's copy of the policy's run config and tokenizer
@@ -147,6 +182,10 @@ def prompt_format(args: PairArguments) -> tuple[str, int | None]:
         source = str(kept) if (kept / RUN_CONFIG).is_file() else recorded["adapter"]  # older candidate folders
         policy = resolve_policy(adapter=source, max_text_tokens=args.max_text_tokens, load_in_4bit=False,
                                 allow_override=args.allow_config_override)
+        if args.tokenizer not in (None, policy.model, policy.tokenizer_source) and not args.allow_config_override:
+            raise DataError(f"--tokenizer {args.tokenizer!r} given, but {args.candidates} was sampled from "
+                            f"{policy.model!r} ({manifest}): pairs are rendered in the policy's format (drop "
+                            "--tokenizer, or pass --allow_config_override true)")
         return args.tokenizer or policy.tokenizer_source, policy.max_text_tokens
     budget = args.max_text_tokens if args.max_text_tokens is not None else recorded.get(
         "max_text_tokens", DEFAULT_MAX_TEXT_TOKENS)
@@ -184,8 +223,8 @@ def side_pairs(args: PairArguments, examples: pd.DataFrame, tokenizer) -> tuple[
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
 
 
-def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, scorer,
-              dropped: dict) -> dict:
+def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame,
+              labelled_by: dict, dropped: dict) -> dict:
     """Counts, margins and sources of the pairs, mean score per candidate source, what each strategy gives, and the
     drift controls: their settings, what they dropped per side (``dropped``) and the chosen answers' opening words
     (:func:`promptrec.drift.drift_summary`) per side."""
@@ -199,7 +238,7 @@ def summarize(args: PairArguments, scored: pd.DataFrame, train: pd.DataFrame, ev
             "margin": P.margin_stats(both["score_chosen"] - both["score_rejected"]),
             "sources": P.source_counts(both.to_dict(orient="records")),
             "mean_score_per_source": long.groupby("sources")["scores"].mean().round(4).to_dict(),
-            "scorer": scorer.identity, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
+            "scorer": labelled_by, "split": {"by": args.split_by, "eval_fraction": args.eval_fraction,
                                                  "seed": args.seed},
             "drift_controls": {"drop_shared_prefix_tokens": args.drop_shared_prefix_tokens,
                                "max_opening_share": args.max_opening_share, "dropped": dropped,
@@ -225,7 +264,8 @@ def main(args: PairArguments) -> dict | None:
     start = time.time()
     examples = load_examples(args)
     scorer = args.build()
-    parts = score_examples(args, scorer, examples, out / "scores.parts")
+    labels = labeller(args, scorer)
+    parts = score_examples(args, labels, examples, out / "scores.parts")
     if parts is None:  # not rank 0
         return None
 
@@ -248,11 +288,11 @@ def main(args: PairArguments) -> dict | None:
     write_table(scored[["id", "candidates", "sources", "scores"]].explode(["candidates", "sources", "scores"])
                 .rename(columns={"candidates": "candidate", "sources": "source", "scores": "score"}),
                 out / "scores.parquet")
-    summary = write_manifest(out / "summary.json", start, **summarize(args, scored, train, evals, scorer, dropped),
+    summary = write_manifest(out / "summary.json", start, **summarize(args, scored, train, evals, labels[0], dropped),
                              seconds_pairs=round(time.time() - scored_at, 1), tokenizer=tokenizer_name,
                              max_text_tokens=args.max_text_tokens, config=asdict(args))
     plot_margins(train, evals, out / "margins.png", f"{args.strategy}, min_margin {args.min_margin}, "
-                 f"scorer {scorer.identity['model']}")
+                 f"labels {labels[0]['model']}")
     if len(train):
         logger.info("Sample pair:\n%s", train.iloc[0].to_dict())
     logger.info("%d pairs (%d train, %d eval) from %d examples; margin %s; chosen %s → %s", summary["pairs"],

@@ -291,6 +291,10 @@ def test_pairs_find_the_policy_prompt_format_after_the_run_folder_moves(tmp_path
     (args,) = parse_args(build_pairs_py.PairArguments, args=["--candidates", str(cands / "candidates.parquet")])
     tokenizer, budget = build_pairs_py.prompt_format(args)
     assert budget == 16 and tokenizer == str(cands / "policy")
+    (other,) = parse_args(build_pairs_py.PairArguments, args=["--candidates", str(cands / "candidates.parquet"),
+                                                              "--tokenizer", "microsoft/phi-2"])
+    with pytest.raises(DataError, match="'microsoft/phi-2' given, but .* was sampled from 'embedded'"):
+        build_pairs_py.prompt_format(other)  # a recipe's tokenizer must not silently re-render another policy's pairs
     from promptrec.models import load_tokenizer
 
     assert load_tokenizer(tokenizer).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -195,6 +195,41 @@ def test_a_short_fit_ranks_the_truth_above_garbage(fitted):
 
 
 @pytest.mark.slow
+def test_reward_labelled_pairs_need_no_known_prompt(fitted, tmp_path):
+    """West-of-N pairs (build_pairs --reward_model): the reward model, not SCS against a truth, labels each
+    candidate, so triplets without a rewrite_prompt give pairs; the chosen side is the candidate of the highest
+    reward (here each row's real prompt over garbage) and the pairs carry the rewards. Without --reward_model the
+    same triplets stop in one line naming the missing column."""
+    build_pairs = load_script("data_generation/build_pairs.py")
+    ids = [f"t{i}" for i in range(len(TINY_TRIPLETS))]
+    pd.DataFrame({"id": ids, "original_text": [t[0] for t in TINY_TRIPLETS],
+                  "rewritten_text": [t[2] for t in TINY_TRIPLETS]}).to_parquet(tmp_path / "triplets.parquet")
+    rows = [(i, text) for i, t in zip(ids, TINY_TRIPLETS) for text in (GARBAGE[0], t[1], GARBAGE[1])]
+    pd.DataFrame({"id": [i for i, _ in rows], "candidate": [c for _, c in rows], "source": "policy"}).to_parquet(
+        tmp_path / "candidates.parquet")
+    flags = ["--candidates", str(tmp_path / "candidates.parquet"), "--output_dir", str(tmp_path / "pairs"),
+             "--strategy", "best_vs_worst", "--min_margin", "0", "--max_pairs_per_example", "1", "--eval_fraction",
+             "0", "--tokenizer", "embedded", "--max_text_tokens", str(MAX_TEXT_TOKENS)]
+    with pytest.raises(DataError, match="rewrite_prompt"):
+        build_pairs.main(*parse_args(build_pairs.PairArguments, args=flags))
+    summary = build_pairs.main(*parse_args(build_pairs.PairArguments, args=[
+        *flags, "--reward_model", str(fitted), "--split_by", "id"]))
+    assert summary["scorer"]["model"] == "reward_model" and summary["train_pairs"] == len(ids)
+    got = pd.read_json(tmp_path / "pairs" / "train.jsonl", lines=True)
+    rewards = load_reward_model(str(fitted)).score([t[0] for t in TINY_TRIPLETS], [t[2] for t in TINY_TRIPLETS],
+                                                   [[GARBAGE[0], t[1], GARBAGE[1]] for t in TINY_TRIPLETS])
+    truth_wins = 0
+    for (_, row), t, r in zip(got.iterrows(), TINY_TRIPLETS, rewards):
+        texts = [GARBAGE[0], t[1], GARBAGE[1]]
+        assert row["chosen"][-1]["content"] == " ".join(texts[int(r.argmax())].split())
+        assert row["rejected"][-1]["content"] == " ".join(texts[int(r.argmin())].split())
+        truth_wins += int(r.argmax()) == 1
+        assert row["score_chosen"] == pytest.approx(r.max(), abs=1e-4)
+        assert row["score_rejected"] == pytest.approx(r.min(), abs=1e-4)
+    assert truth_wins == len(ids)  # the fit ranks each real prompt above garbage, so it is always the chosen side
+
+
+@pytest.mark.slow
 def test_an_offline_copy_of_the_base_loads_and_another_base_stops(fitted, embedded_model_dir, tiny_base,
                                                                   monkeypatch):
     """Kaggle has no hub: the reward model loads on a local copy of its base (predict --reward_base, the notebook's
