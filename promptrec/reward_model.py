@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from promptrec.evaluation import spearman, within_group_spearman
 from promptrec.models import load_model, load_tokenizer
@@ -104,7 +105,8 @@ class RewardModel:
         found: dict[tuple, float] = {}
         was_training = self.model.training
         self.model.eval()
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="reward", unit="batch", disable=len(starts) < 8):
             batch = [unique[i] for i in order[start:start + batch_size]]
             width = max(len(x) for x in batch)
             input_ids = torch.tensor([[*x, *[pad] * (width - len(x))] for x in batch], device=device)
