@@ -14,8 +14,8 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", RUN_CONFIG,
 class RunPaths:
     def __init__(self, root: str | Path):
         r = self.root = Path(root)
-        self.config = r / "pipeline_config.json"  # the latest invocation's arguments (stage.json: each stage's)
-        self.history = r / "invocations.jsonl"  # every invocation: its arguments, the stages it ran or skipped
+        self.history = r / "invocations.jsonl"  # every invocation, appended (never rewritten): its arguments and the
+        # stages it ran or skipped; each stage's own settings are in its stage.json
         self.timings = r / "timings.json"
         self.triplets = r / "rewrite" / "triplets.parquet"
         self.train, self.heldout = r / "split" / "train.parquet", r / "split" / "heldout.parquet"

@@ -151,8 +151,6 @@ def main(args: PipelineArguments) -> dict:
     paths = RunPaths(Path(args.run_dir).resolve())  # the scripts run from the repository root, we may not
     paths.root.mkdir(parents=True, exist_ok=True)
     run = Runner(args, paths)
-    if not args.dry_run:
-        write_json(asdict(args), paths.config)
     try:
         for number, stage in enumerate(STAGE_TABLE, start=1):
             run.stage(number, stage)

@@ -147,6 +147,11 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert plan["dpo"].startswith("runs (dpo beta 0.1 → 0.2") and plan["sft"] == SKIPPED
     assert (run_dir / "sft" / "stage.json").read_text() == sft_record
     assert json.loads((run_dir / "dpo" / "run_config.json").read_text())["DPOConfig"]["beta"] == 0.2
+    # every real invocation is appended, none rewritten (dry runs record nothing): the first still names its own
+    history = [json.loads(line) for line in (run_dir / "invocations.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and history[0]["config"]["until"] == "report" and history[2]["config"]["until"] == "dpo"
+    assert "dpo:--beta 0.2" in history[2]["config"]["extra"] and "dpo:--beta 0.2" not in history[0]["config"]["extra"]
+    assert not (run_dir / "pipeline_config.json").exists()  # no "latest arguments" file to contradict the rows
 
 
 def test_readme_pipeline_commands_and_configs_parse():
