@@ -121,6 +121,11 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     triplets = read_table(args.triplets, required=("id", "original_text", *known, "rewritten_text"))
     if "rewrite_prompt" not in triplets.columns:
         triplets["rewrite_prompt"] = None
+    unknown_prompt = triplets["rewrite_prompt"].isna()
+    if unknown_prompt.any() and (not args.reward_model or args.split_by != "id"):
+        raise DataError(f"{args.triplets}: row {int(unknown_prompt.to_numpy().nonzero()[0][0]) + 1} has no "
+                        "rewrite_prompt: SCS labels and a split by prompt need the true prompt (texts without one: "
+                        "--reward_model DIR --split_by id)")
     cands["id"], triplets["id"] = cands["id"].astype(str), triplets["id"].astype(str)
     unknown = set(cands["id"]) - set(triplets["id"])
     if unknown:

@@ -189,7 +189,8 @@ def main(args: CandidateArguments) -> pd.DataFrame | None:
     out = Path(args.output_dir)
     start = time.time()
     rename = dict(r.split("=", 1) for r in args.rename)
-    triplets, counts = read_triplets(args.triplets, args.producers, rename, args.limit, args.seed)
+    need_prompt = bool(set(args.sources) - {"policy", "mean"})  # the true prompt, and the bank's nearness to it
+    triplets, counts = read_triplets(args.triplets, args.producers, rename, args.limit, args.seed, need_prompt)
     logger.info("Triplets from %s: %s", args.triplets, counts)
     generate_candidates(args, triplets, out / "candidates.parts")
     merged = gather_parts(triplets["id"].tolist(), out / "candidates.parts")

@@ -32,29 +32,36 @@ def _is_text(value) -> bool:
 
 
 def read_triplets(path: str, producers: list[str] | tuple[str, ...] = (), rename: dict[str, str] | None = None,
-                  limit: int | None = None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+                  limit: int | None = None, seed: int = 0, need_prompt: bool = True) -> tuple[pd.DataFrame, dict]:
     """Read, filter and id triplets; returns the frame and counts of what was dropped.
 
     ``path`` is a .csv/.jsonl/.parquet/hf: file, or ``reference`` for the bundled reference rewrites.
 
     Columns out: ``id, original_text, rewrite_prompt, rewritten_text`` plus any others of the file. ``rename``
     maps the file's names to ours; rows with an empty text are dropped (counted), as are repeated ids.
-    ``limit`` keeps a seeded random sample of that many rows, in file order.
+    ``limit`` keeps a seeded random sample of that many rows, in file order. ``need_prompt`` False: texts whose
+    prompt is unknown may come without ``rewrite_prompt`` (it is then None, and a missing id is made from the two
+    texts).
     """
     if str(path) == REFERENCE:
         path = reference_triplets_path()
-    df = read_table(path, required=TRIPLET_COLUMNS, rename=rename)
+    columns = TRIPLET_COLUMNS if need_prompt else tuple(c for c in TRIPLET_COLUMNS if c != "rewrite_prompt")
+    df = read_table(path, required=columns, rename=rename)
     df = filter_producers(df, producers, str(path))
     counts = {"read": len(df)}
-    good = df[list(TRIPLET_COLUMNS)].apply(lambda col: col.map(_is_text)).all(axis=1)
+    good = df[list(columns)].apply(lambda col: col.map(_is_text)).all(axis=1)
     counts["empty_text"] = int((~good).sum())
     df = df[good].copy()
     if df.empty:
-        raise DataError(f"{path}: every row has an empty {' / '.join(TRIPLET_COLUMNS)}")
+        raise DataError(f"{path}: every row has an empty {' / '.join(columns)}")
+    known = "rewrite_prompt" in df.columns
+    if not known:
+        df["rewrite_prompt"] = None
     if "id" in df.columns:
         df["id"] = df["id"].astype(str)
     else:
-        df.insert(0, "id", [pair_id(o, p) for o, p in zip(df["original_text"], df["rewrite_prompt"])])
+        second = df["rewrite_prompt"] if known else df["rewritten_text"]
+        df.insert(0, "id", [pair_id(o, p) for o, p in zip(df["original_text"], second)])
     before = len(df)
     df = df.drop_duplicates("id")
     counts["duplicate_id"] = before - len(df)

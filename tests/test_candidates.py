@@ -257,6 +257,20 @@ def test_bad_input_names_the_file_and_column(tmp_path, embedding_cache):
         f"error: {tmp_path / 'missing.parquet'}: no such file"
 
 
+def test_texts_without_a_prompt_read_only_where_no_step_needs_one(tmp_path):
+    """Texts whose prompt is unknown (the reward-labelled path) read with need_prompt=False: the prompt is None and
+    the id comes from the two texts, stably; by default the missing column is still a one-line error."""
+    texts = tmp_path / "texts.csv"
+    pd.DataFrame({"original_text": ["a cat", "a dog"], "rewritten_text": ["A CAT!", "A DOG!"]}).to_csv(texts,
+                                                                                                       index=False)
+    with pytest.raises(DataError, match=r"texts.csv: missing column\(s\) rewrite_prompt"):
+        read_triplets(str(texts))
+    frame, counts = read_triplets(str(texts), need_prompt=False)
+    again, _ = read_triplets(str(texts), need_prompt=False)
+    assert frame["rewrite_prompt"].isna().all() and counts["kept"] == 2
+    assert frame["id"].nunique() == 2 and frame["id"].tolist() == again["id"].tolist()
+
+
 def test_producer_prefix_filter_on_the_real_triplets(shared_triplets):
     frame, counts = read_triplets(str(SHARED_DATA / "triplets.csv"), producers=["gemma-7b-it (raw"])
     raw = shared_triplets[shared_triplets["producer"].str.startswith("gemma-7b-it (raw")]

@@ -230,6 +230,32 @@ def test_reward_labelled_pairs_need_no_known_prompt(fitted, tmp_path):
 
 
 @pytest.mark.slow
+def test_texts_without_a_prompt_go_from_policy_samples_to_reward_labelled_pairs(fitted, tmp_path):
+    """The West-of-N path end to end on texts whose prompt is unknown: candidates.py samples the policy on a file
+    with no rewrite_prompt column (sources: policy only), and build_pairs labels them with the reward model."""
+    candidates = load_script("data_generation/candidates.py")
+    build_pairs = load_script("data_generation/build_pairs.py")
+    texts = tmp_path / "texts.jsonl"
+    pd.DataFrame({"original_text": [t[0] for t in TINY_TRIPLETS[:3]],
+                  "rewritten_text": [t[2] for t in TINY_TRIPLETS[:3]]}).to_json(texts, orient="records", lines=True)
+    out = tmp_path / "cands"
+    candidates.main(*parse_args(candidates.CandidateArguments, args=[
+        "--triplets", str(texts), "--output_dir", str(out), "--sources", "policy", "--policy", "embedded",
+        "--num_samples", "3", "--max_new_tokens", "12", "--max_text_tokens", str(MAX_TEXT_TOKENS)]))
+    cands = pd.read_parquet(out / "candidates.parquet")
+    assert set(cands["source"]) == {"policy"} and cands["id"].nunique() >= 2  # a row may sample nothing usable
+    summary = build_pairs.main(*parse_args(build_pairs.PairArguments, args=[
+        "--candidates", str(out / "candidates.parquet"), "--reward_model", str(fitted), "--split_by", "id",
+        "--strategy", "best_vs_worst", "--min_margin", "0", "--eval_fraction", "0"]))
+    pairs = pd.read_json(out / "pairs" / "train.jsonl", lines=True)
+    assert summary["scorer"]["model"] == "reward_model" and len(pairs) >= 1
+    assert (pairs["score_chosen"] > pairs["score_rejected"]).all()
+    with pytest.raises(DataError, match="has no rewrite_prompt"):  # SCS labels need the true prompt
+        build_pairs.main(*parse_args(build_pairs.PairArguments, args=[
+            "--candidates", str(out / "candidates.parquet"), "--output_dir", str(tmp_path / "scs")]))
+
+
+@pytest.mark.slow
 def test_an_offline_copy_of_the_base_loads_and_another_base_stops(fitted, embedded_model_dir, tiny_base,
                                                                   monkeypatch):
     """Kaggle has no hub: the reward model loads on a local copy of its base (predict --reward_base, the notebook's
