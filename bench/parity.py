@@ -25,7 +25,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))
-from comparison import paired, row_groups  # noqa: E402  (pipeline/comparison.py)
+from comparison import latest_invocation, paired, row_groups  # noqa: E402  (pipeline/comparison.py)
 
 from promptrec.cli import parse_args, run_main, setup_logging  # noqa: E402
 from promptrec.environment import describe_environment, environment_line  # noqa: E402
@@ -41,7 +41,7 @@ class ParityArguments:
     run_dir: str = field(metadata={"help": "A finished pipeline run (split/, predict/, the adapters)."})
     stages: list[str] = field(default_factory=lambda: ["sft"], metadata={
         "help": "Adapters to compare: sft, dpo, or iterate (the last DPO round)."})
-    scorer: str | None = field(default=None, metadata={"help": "Scorer; default: the run's (pipeline_config.json)."})
+    scorer: str | None = field(default=None, metadata={"help": "Scorer; default: the run's (its last invocation)."})
     output: str | None = field(default=None, metadata={"help": "JSON file for the figures (default run_dir/parity)."})
 
 
@@ -70,7 +70,7 @@ def predict_old_path(run_dir: Path, stage: str, out: Path) -> float:
 def compare(args: ParityArguments) -> dict:
     run_dir = Path(args.run_dir)
     truth = pd.read_parquet(run_dir / "split" / "heldout.parquet")
-    scorer_name = args.scorer or json.loads((run_dir / "pipeline_config.json").read_text()).get("scorer", "auto")
+    scorer_name = args.scorer or latest_invocation(run_dir).get("scorer", "auto")
     scorer, groups = Scorer(scorer_name), row_groups(truth)
     results = {}
     for stage in args.stages:
