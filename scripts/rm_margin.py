@@ -4,10 +4,11 @@ docs/reward_model.md, "The margin-aware variant").
     python scripts/rm_margin.py --run checkpoints/pipeline/real_gemma_rm
 
 Retrains the run's reward model with the pipeline's own command (``<run>/reward/stage.json``) plus ``--margin true``
-into ``<output_dir>/model`` (skipped when it exists), scores the candidates the run's validation decode recorded
-(``<run>/predict/validation/mbr.raw.parquet``) with it, and compares both reward models' rules on those same rows
-(:func:`promptrec.rerank.validation_choice`): RM rerank and RM + MBR means, within-row Spearman, and the paired
-difference of the RM rerank picks (margin − plain, prompt-cluster bootstrap). Writes ``<output_dir>/margin.json``.
+into ``<output_dir>/model`` (skipped when it exists; a killed training resumes from its last checkpoint), scores
+the candidates the run's validation decode recorded (``<run>/predict/validation/mbr.raw.parquet``) with it, and
+compares both reward models' rules on those same rows (:func:`promptrec.rerank.validation_choice`): RM rerank and
+RM + MBR means, within-row Spearman, and the paired difference of the RM rerank picks (margin − plain,
+prompt-cluster bootstrap). Writes ``<output_dir>/margin.json``.
 Nothing here reads a test row.
 """
 
@@ -39,7 +40,7 @@ def train_margin_model(run: Path, out: Path) -> Path:
     if not (model / "adapter_model.safetensors").is_file():
         command = shlex.split(json.loads((run / "reward/stage.json").read_text())["commands"]["model"])
         command[command.index("--output_dir") + 1] = str(model)
-        subprocess.run([*command, "--margin", "true"], check=True, cwd=REPO)
+        subprocess.run([*command, "--margin", "true", "--resume_from_checkpoint", "last"], check=True, cwd=REPO)
     return model
 
 
