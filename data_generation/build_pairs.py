@@ -117,8 +117,7 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     ``--rejected_sources`` must be among the candidates' sources. With ``--reward_model`` the triplets need no
     ``rewrite_prompt`` (then they are split by id)."""
     cands = read_table(args.candidates, required=("id", "candidate", "source"), text_columns=("candidate", "source"))
-    known = ("rewrite_prompt",) if not args.reward_model or args.split_by != "id" else ()
-    triplets = read_table(args.triplets, required=("id", "original_text", *known, "rewritten_text"))
+    triplets = read_table(args.triplets, required=("id", "original_text", "rewritten_text"))
     if "rewrite_prompt" not in triplets.columns:
         triplets["rewrite_prompt"] = None
     unknown_prompt = triplets["rewrite_prompt"].isna()
