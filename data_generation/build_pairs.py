@@ -73,6 +73,9 @@ class PairArguments(ScorerArguments):
     allow_true_chosen: bool = field(default=True, metadata={"help": "May the true prompt be the chosen side?"})
     rejected_sources: list[str] = field(default_factory=list, metadata={
         "help": "Only these candidate sources may be rejected, e.g. policy (on-policy pairs); empty: any."})
+    chosen_sources: list[str] = field(default_factory=list, metadata={
+        "help": "Only these candidate sources may be chosen; with --rejected_sources policy too: self-play pairs "
+                "(the policy's best sample against its worst); empty: any."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer of the model DPO will train (texts are cut to max_text_tokens of its tokens). Default: "
                 "that of the policy candidates.manifest.json names (the SFT run), else embedded."})
@@ -114,8 +117,8 @@ class PairArguments(ScorerArguments):
 
 def load_examples(args: PairArguments) -> pd.DataFrame:
     """One row per triplet with its candidate and source lists (triplets without candidates are dropped); the
-    ``--rejected_sources`` must be among the candidates' sources. With ``--reward_model`` the triplets need no
-    ``rewrite_prompt`` (then they are split by id)."""
+    ``--rejected_sources`` and ``--chosen_sources`` must be among the candidates' sources. With ``--reward_model``
+    the triplets need no ``rewrite_prompt`` (then they are split by id)."""
     cands = read_table(args.candidates, required=("id", "candidate", "source"), text_columns=("candidate", "source"))
     triplets = read_table(args.triplets, required=("id", "original_text", "rewritten_text"))
     if "rewrite_prompt" not in triplets.columns:
@@ -130,9 +133,11 @@ def load_examples(args: PairArguments) -> pd.DataFrame:
     if unknown:
         raise DataError(f"{args.candidates}: {len(unknown)} id(s) not in {args.triplets}, e.g. {min(unknown)}")
     present = set(cands["source"])
-    if args.rejected_sources and not present & set(args.rejected_sources):
-        raise DataError(f"{args.candidates}: no candidate has source {args.rejected_sources} (--rejected_sources); "
-                        f"sources there: {sorted(present)}")
+    for flag in ("rejected_sources", "chosen_sources"):
+        wanted = getattr(args, flag)
+        if wanted and not present & set(wanted):
+            raise DataError(f"{args.candidates}: no candidate has source {wanted} (--{flag}); "
+                            f"sources there: {sorted(present)}")
     grouped = cands.groupby("id", sort=False).agg(candidates=("candidate", list), sources=("source", list))
     return triplets.merge(grouped, left_on="id", right_index=True, how="inner").reset_index(drop=True)
 
@@ -201,7 +206,7 @@ def example_pairs(args: PairArguments, example: dict, strategy: str | None = Non
     return P.build_pairs(example["candidates"], example["scores"], strategy or args.strategy, args.min_margin,
                          sources=example["sources"], k=args.k, max_pairs=args.max_pairs_per_example,
                          allow_true_chosen=args.allow_true_chosen, true_prompt=example["rewrite_prompt"],
-                         rejected_sources=args.rejected_sources)
+                         rejected_sources=args.rejected_sources, chosen_sources=args.chosen_sources)
 
 
 def pair_row(args: PairArguments, example: dict, pair: dict, tokenizer) -> dict:

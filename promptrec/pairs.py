@@ -44,14 +44,17 @@ def dedupe_candidates(candidates: Sequence[str], scores: Sequence[float], source
 def build_pairs(candidates: Sequence[str], scores: Sequence[float], strategy: str = "best_vs_worst",
                 min_margin: float = 0.0, *, sources: Sequence[str] | None = None, k: int = 2,
                 max_pairs: int | None = None, allow_true_chosen: bool = True, true_prompt: str | None = None,
-                tie_tolerance: float = 1e-6, rejected_sources: Sequence[str] | None = None) -> list[dict]:
+                tie_tolerance: float = 1e-6, rejected_sources: Sequence[str] | None = None,
+                chosen_sources: Sequence[str] | None = None) -> list[dict]:
     """Pairs for one example: dicts ``chosen, rejected, score_chosen, score_rejected, source_chosen, source_rejected``.
 
     ``sources[i]`` names where candidate i came from (``"true"`` marks the true prompt; so does matching
     ``true_prompt``). With ``allow_true_chosen=False`` the true prompt is never the chosen side, so the policy
     learns to rank its own kind of outputs rather than only to copy the label. ``rejected_sources`` (e.g.
     ``["policy"]``) limits the rejected side to those sources: on-policy pairs push down what the model actually
-    says, where a random bank prompt is already unlikely. Pairs come in decreasing margin.
+    says, where a random bank prompt is already unlikely. ``chosen_sources`` does the same for the chosen side: with
+    both ``["policy"]`` the pairs are self-play, the policy's best sample against its worst. Pairs come in decreasing
+    margin.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -68,7 +71,8 @@ def build_pairs(candidates: Sequence[str], scores: Sequence[float], strategy: st
     true_key = text_key(true_prompt) if true_prompt is not None else None
     is_true = [s == TRUE_SOURCE or text_key(t) == true_key for t, s in zip(texts, srcs)]
     order = sorted(range(len(texts)), key=lambda i: (-values[i], i))  # best first; ties keep input order
-    can_choose = [i for i in order if allow_true_chosen or not is_true[i]]
+    can_choose = [i for i in order if (allow_true_chosen or not is_true[i])
+                  and (not chosen_sources or srcs[i] in chosen_sources)]
     worst_first = [i for i in order[::-1] if not rejected_sources or srcs[i] in rejected_sources]
     if strategy == "best_vs_worst":
         combos = [(can_choose[0], worst_first[0])] if can_choose and worst_first else []

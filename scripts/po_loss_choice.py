@@ -72,6 +72,35 @@ def run_variant(run: Path, out: Path, flags: list[str]) -> Path:
     return selected
 
 
+def choose(run: Path, selected: dict[str, Path], flags: dict[str, list], base: str, out_file: Path) -> str:
+    """Score each variant's final adapter on the run's validation rows; the highest mean wins only if its paired
+    difference to ``base`` has a prompt-cluster bootstrap interval above zero, else ``base`` stays. Writes and
+    prints the table."""
+    validation = pd.read_parquet(run / "split/validation.parquet")
+    truth = validation["rewrite_prompt"].tolist()
+    groups = validation[CLUSTER_COLUMN].to_numpy() if CLUSTER_COLUMN in validation.columns else None
+    scorer = ScorerArguments(scorer="embedded").build()
+    scores = {name: np.asarray(scorer.score(final_predictions(path), truth), dtype=np.float64)
+              for name, path in selected.items()}
+    rows = []
+    for name, values in scores.items():
+        row = {"variant": name, "flags": flags[name], "validation_mean": float(values.mean())}
+        if base in scores and name != base:
+            low, high = bootstrap_ci(values - scores[base], 1000, seed=42, groups=groups)
+            row |= {f"diff_vs_{base}": float((values - scores[base]).mean()), "ci_low": low, "ci_high": high}
+        rows.append(row)
+        print(f"{name:>16}: {row['validation_mean']:.4f}" + (
+            f"  vs {base} {row[f'diff_vs_{base}']:+.4f} ({row['ci_low']:+.4f} … {row['ci_high']:+.4f})"
+            if "ci_low" in row else ""), flush=True)
+    best = max(rows, key=lambda r: r["validation_mean"])
+    chosen = best["variant"] if best.get("ci_low", -1) > 0 else base
+    write_json({"rows": rows, "n_validation": len(validation), "chosen": chosen,
+                "rule": f"highest validation mean, only if its paired CI vs {base} lies above zero; else {base}"},
+               out_file)
+    print(f"chosen: {chosen}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="checkpoints/pipeline/real_gemma",
@@ -81,31 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
     out = Path(args.output_dir or f"{run}_loss_choice")
-    validation = pd.read_parquet(run / "split/validation.parquet")
-    truth = validation["rewrite_prompt"].tolist()
-    groups = validation[CLUSTER_COLUMN].to_numpy() if CLUSTER_COLUMN in validation.columns else None
-    scorer = ScorerArguments(scorer="embedded").build()
-    scores = {}
-    for name in args.variants:
-        selected = run / "dpo/selected" if name == "rpo" else run_variant(run, out / name, VARIANTS[name])
-        scores[name] = np.asarray(scorer.score(final_predictions(selected), truth), dtype=np.float64)
-    base = scores.get("rpo")
-    rows = []
-    for name, values in scores.items():
-        row = {"variant": name, "flags": VARIANTS[name], "validation_mean": float(values.mean())}
-        if base is not None and name != "rpo":
-            low, high = bootstrap_ci(values - base, 1000, seed=42, groups=groups)
-            row |= {"diff_vs_rpo": float((values - base).mean()), "ci_low": low, "ci_high": high}
-        rows.append(row)
-        print(f"{name:>16}: {row['validation_mean']:.4f}" + (
-            f"  vs rpo {row['diff_vs_rpo']:+.4f} ({row['ci_low']:+.4f} … {row['ci_high']:+.4f})"
-            if "diff_vs_rpo" in row else ""), flush=True)
-    best = max(rows, key=lambda r: r["validation_mean"])
-    chosen = best["variant"] if best.get("ci_low", -1) > 0 else "rpo"
-    write_json({"rows": rows, "n_validation": len(validation), "chosen": chosen,
-                "rule": "highest validation mean, only if its paired CI vs rpo lies above zero; else rpo"},
-               out / "loss_choice.json")
-    print(f"chosen: {chosen}")
+    selected = {name: run / "dpo/selected" if name == "rpo" else run_variant(run, out / name, VARIANTS[name])
+                for name in args.variants}
+    choose(run, selected, VARIANTS, "rpo", out / "loss_choice.json")
 
 
 if __name__ == "__main__":

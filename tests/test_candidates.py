@@ -136,6 +136,19 @@ def test_pairs_are_trl_preference_rows_scored_and_split_by_prompt(pipeline, scor
     assert set(both.source_rejected) == {"policy"}  # the recipe's rejected_sources: on-policy pairs
 
 
+def test_chosen_sources_policy_turns_the_recipe_into_self_play_pairs(pipeline, tmp_path):
+    (args,) = parse_args(build_pairs_py.PairArguments, args=[
+        "--config", str(REPO / "data_generation/configs/pairs_smollm2.yaml"), "--candidates",
+        str(pipeline["out"] / "candidates.parquet"), "--scorer", "embedded", "--chosen_sources", "policy",
+        "--output_dir", str(tmp_path / "pairs")])
+    build_pairs_py.main(args)
+    both = pd.concat([read_jsonl(tmp_path / "pairs" / f"{s}.jsonl") for s in ("train", "eval")])
+    assert len(both) and set(both.source_chosen) == set(both.source_rejected) == {"policy"}
+    assert both.score_chosen.gt(both.score_rejected).all()
+    summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert summary["sources"]["chosen"] == {"policy": len(both)}
+
+
 def test_rejected_sources_absent_from_the_candidates_is_a_clear_error(pipeline, tmp_path):
     cands = pd.read_parquet(pipeline["out"] / "candidates.parquet")
     no_policy = tmp_path / "candidates.parquet"

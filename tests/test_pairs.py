@@ -63,6 +63,20 @@ def test_rejected_sources_limits_the_rejected_side_to_those_sources():
     pairs = build_pairs(CANDS, SCORES, "all_pairs", sources=sources, rejected_sources=["policy"])
     assert ("good", "poor") in {(p["chosen"], p["rejected"]) for p in pairs}
 
+
+def test_chosen_and_rejected_sources_policy_make_self_play_pairs():
+    sources = ["true", "policy", "bank_hard", "policy", "bank_random"]
+    (pair,) = build_pairs(CANDS, SCORES, "best_vs_worst", sources=sources, chosen_sources=["policy"],
+                          rejected_sources=["policy"])
+    assert (pair["chosen"], pair["rejected"]) == ("good", "poor")  # not the true prompt over the worst sample
+    for strategy in STRATEGIES:
+        pairs = build_pairs(CANDS, SCORES, strategy, sources=sources, chosen_sources=["policy"],
+                            rejected_sources=["policy"])
+        assert pairs and {(p["source_chosen"], p["source_rejected"]) for p in pairs} == {("policy", "policy")}
+    # the chosen side alone: the best bank prompt may not be chosen, the worst of anything may be rejected
+    pairs = build_pairs(CANDS, SCORES, "all_pairs", sources=sources, chosen_sources=["policy"])
+    assert {p["source_chosen"] for p in pairs} == {"policy"} and "bad" in {p["rejected"] for p in pairs}
+
 def test_topk_bottomk_takes_top_k_chosen_times_bottom_k_rejected():
     pairs = build_pairs(CANDS, SCORES, "topk_bottomk", k=2, sources=SOURCES)
     assert {(p["chosen"], p["rejected"]) for p in pairs} == set(itertools.product(["true prompt", "good"],
