@@ -140,7 +140,7 @@ def test_chosen_sources_policy_turns_the_recipe_into_self_play_pairs(pipeline, t
     (args,) = parse_args(build_pairs_py.PairArguments, args=[
         "--config", str(REPO / "data_generation/configs/pairs_smollm2.yaml"), "--candidates",
         str(pipeline["out"] / "candidates.parquet"), "--scorer", "embedded", "--chosen_sources", "policy",
-        "--output_dir", str(tmp_path / "pairs")])
+        "--min_margin", "0", "--output_dir", str(tmp_path / "pairs")])  # the fixture's few samples: small margins
     build_pairs_py.main(args)
     both = pd.concat([read_jsonl(tmp_path / "pairs" / f"{s}.jsonl") for s in ("train", "eval")])
     assert len(both) and set(both.source_chosen) == set(both.source_rejected) == {"policy"}
