@@ -10,13 +10,16 @@ drawn, not how another seed of the same recipe would have trained. Given several
 - each run's paired difference to that run's SFT adapter, with the bootstrap CI over prompt clusters of its report;
 - **across runs**: the mean of those differences with a 95 % t-interval over runs (the training noise), including
   runs given only as numbers (``--known``, e.g. a run whose folder is gone);
-- the per-row scores averaged over the runs with folders, paired against SFT with the cluster bootstrap.
+- the per-row scores averaged over the runs with folders, paired against SFT with the cluster bootstrap;
+- the seed-to-seed SD of the differences, and each run's opening-word drift of the method (its report's top opening
+  word and share against SFT's, flagged when the share is more than twice SFT's: docs/po_selection.md).
 
 Writes ``<output_dir>/seeds.md`` and ``seeds.json``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +94,23 @@ def run_scores(runs: list[str], scorer, methods=(), baseline: str = "sft"
     return per_run, groups
 
 
+def sd(values) -> float:
+    """Sample standard deviation (NaN with fewer than two values): the seed-to-seed spread of a difference."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def run_drift(run: str, method: str) -> dict | None:
+    """The method row's opening-word drift from the run's report.json (None when the report has none)."""
+    report = Path(run) / "report.json"
+    rows = json.loads(report.read_text(encoding="utf-8"))["rows"] if report.is_file() else []
+    drift = next((r.get("drift") for r in rows if r.get("id") == method), None)
+    if not drift:
+        return None
+    return {"top_word": drift["top_word"], "top_share": drift["top_share"],
+            "sft_top_share": drift["reference"]["top_share"], "doubled": drift["doubled"]}
+
+
 def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -> list[dict]:
     """Per method: each run's paired difference to the baseline (SFT), the across-run t-interval, the seed-averaged
     rows."""
@@ -98,7 +118,8 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
     results = []
     for method in args.methods:
         runs = [{"run": Path(label).name, **dict(zip(("diff", "low", "high"),
-                                                  paired(scores[method], scores[base], groups)))}
+                                                  paired(scores[method], scores[base], groups))),
+                 "drift": run_drift(label, method)}
                 for label, scores in zip(args.runs, per_run) if method in scores and base in scores]
         runs += [{"run": label, "diff": values[method], "low": None, "high": None}
                  for label, values in known if method in values]
@@ -107,7 +128,8 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
         rows = [s[method] - s[base] for s in per_run if method in s and base in s]
         pooled = paired(np.mean(rows, axis=0), np.zeros(len(rows[0])), groups) if rows else (None, None, None)
         results.append({"method": method, "baseline": base, "runs": runs,
-                        "across_runs": dict(zip(("mean", "low", "high"), t_interval([r["diff"] for r in runs]))),
+                        "across_runs": dict(zip(("mean", "low", "high"), t_interval([r["diff"] for r in runs])),
+                                            sd=sd([r["diff"] for r in runs])),
                         "row_average": dict(zip(("mean", "low", "high"), pooled), n_runs=len(rows))})
     return results
 
@@ -116,16 +138,24 @@ def markdown(results: list[dict]) -> str:
     def ci(low, high):
         return "" if low is None or (isinstance(low, float) and math.isnan(low)) else f" ({low:+.3f} … {high:+.3f})"
 
+    def drift(d):
+        if not d:
+            return ""
+        flag = " **doubled**" if d["doubled"] else ""
+        return f"{d['top_word']!r} {d['top_share']:.0%} (SFT's top word {d['sft_top_share']:.0%}){flag}"
+
     base = results[0].get("baseline", "sft") if results else "sft"
-    lines = [f"| method | run | − {base}, paired (95% CI) |", "|---|---|---|"]
+    lines = [f"| method | run | − {base}, paired (95% CI) | top opening word |", "|---|---|---|---|"]
     for r in results:
-        lines += [f"| {r['method']} | {x['run']} | {x['diff']:+.4f}{ci(x['low'], x['high'])} |" for x in r["runs"]]
+        lines += [f"| {r['method']} | {x['run']} | {x['diff']:+.4f}{ci(x['low'], x['high'])} | "
+                  f"{drift(x.get('drift'))} |" for x in r["runs"]]
         a, p = r["across_runs"], r["row_average"]
-        lines.append(f"| **{r['method']}** | **mean of {len(r['runs'])} runs, t-interval over runs** | "
-                     f"**{a['mean']:+.4f}{ci(a['low'], a['high'])}** |")
+        spread = "" if math.isnan(a["sd"]) else f", SD {a['sd']:.4f}"
+        lines.append(f"| **{r['method']}** | **mean of {len(r['runs'])} runs, t-interval over runs{spread}** | "
+                     f"**{a['mean']:+.4f}{ci(a['low'], a['high'])}** | |")
         if p["n_runs"]:
             lines.append(f"| {r['method']} | rows averaged over {p['n_runs']} runs, cluster bootstrap | "
-                         f"{p['mean']:+.4f}{ci(p['low'], p['high'])} |")
+                         f"{p['mean']:+.4f}{ci(p['low'], p['high'])} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))
 
-from seeds import SeedArguments, compare, parse_known, run_scores, t_interval  # noqa: E402
+from seeds import SeedArguments, compare, markdown, parse_known, run_scores, t_interval  # noqa: E402
 
 from promptrec.tables import DataError  # noqa: E402
 
@@ -67,6 +68,24 @@ def test_compare_gives_each_runs_gain_and_their_mean(tmp_path):
     assert result["across_runs"]["mean"] == pytest.approx(0.5 / 3)
     assert result["across_runs"]["low"] < 0 < result["across_runs"]["high"]
     assert result["row_average"]["n_runs"] == 2 and result["row_average"]["mean"] == pytest.approx(0.0)
+    assert result["across_runs"]["sd"] == pytest.approx(np.std([0.25, -0.25, 0.5], ddof=1))
+
+
+def test_each_runs_opening_word_drift_comes_from_its_report(tmp_path):
+    sft = ["no"] * 4
+    run1 = make_run(tmp_path, "s1", sft, ["Make it a poem.", "no", "no", "no"])
+    run2 = make_run(tmp_path, "s2", sft, ["no"] * 4)  # no report.json: no drift to show
+    drift = {"n": 4, "top_word": "make", "top_share": 0.75, "entropy_nats": 0.5, "top5": {"make": 0.75},
+             "reference": {"n": 4, "top_word": "no", "top_share": 0.25, "entropy_nats": 1.0},
+             "reference_share_of_top_word": 0.0, "doubled": True}
+    (Path(run1) / "report.json").write_text(json.dumps({"rows": [{"id": "sft"}, {"id": "dpo", "drift": drift}]}))
+    args = SeedArguments(runs=[run1, run2], methods=["dpo"])
+    (result,) = compare(args, *run_scores(args.runs, ExactScorer(), args.methods))
+    assert result["runs"][0]["drift"] == {"top_word": "make", "top_share": 0.75, "sft_top_share": 0.25,
+                                          "doubled": True}
+    assert result["runs"][1]["drift"] is None
+    table = markdown([result])
+    assert "'make' 75% (SFT's top word 25%) **doubled**" in table and ", SD 0.1768" in table
 
 
 def test_compare_against_another_baseline_such_as_the_compute_matched_control(tmp_path):
