@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import ModelConfig
 
 from promptrec.cli import asdict_all
@@ -371,25 +372,32 @@ def scs_eval(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments, adapt
 
 
 # ------------------------------------------------------------------------------------------------ time limit
-class TimeLimit(TrainerCallback):
+class TimeLimit(TrainerCallback, ExportableState):
     """Ends training once ``seconds`` of wall time have passed since it began (``on_train_begin``; loading the model
     and data is not counted), checked at each optimizer step's end: the trainer stops as after its last step and the
     script evaluates and saves as usual. :meth:`summary` says how long it ran and the global step it reached.
-    ``clock`` is for tests. With several processes the ranks agree (any rank past the limit stops all), so none is
-    left waiting in a collective the others have quit."""
+    Checkpoints record the seconds trained up to them (TRL/transformers' stateful callbacks), so a run resumed with
+    ``--resume_from_checkpoint`` gets what is left of the budget, not a fresh one. ``clock`` is for tests. With
+    several processes the ranks agree (any rank past the limit stops all), so none is left waiting in a collective
+    the others have quit."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
         self.seconds, self.clock = seconds, clock
         self.start: float | None = None
-        self.elapsed, self.steps, self.stopped = 0.0, 0, False
+        self.before, self.elapsed, self.steps, self.stopped = 0.0, 0.0, 0, False
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.seconds}, "attributes": {"elapsed": self.elapsed}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.clock()
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step else None
+        self.before = self.elapsed = float(saved["attributes"]["elapsed"]) if isinstance(saved, dict) else 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
             self.start = self.clock()
-        self.elapsed, self.steps = self.clock() - self.start, state.global_step
+        self.elapsed, self.steps = self.before + self.clock() - self.start, state.global_step
         if _on_any_rank(self.elapsed >= self.seconds, args):
             control.should_training_stop = self.stopped = True
             logger.info("Time limit: %.1f s >= %g s at step %d, training stops", self.elapsed, self.seconds,

@@ -144,6 +144,34 @@ def test_time_limit_stops_training_at_the_limit():
     assert limit.summary() == {"max_train_seconds": 10, "seconds": 10.0, "steps": 4, "stopped": True}
 
 
+def test_time_limit_resumed_from_a_checkpoint_gets_what_is_left_of_its_budget():
+    """A checkpoint records the seconds trained to it; a run resumed from it stops when the total reaches the limit."""
+    from transformers import TrainerControl, TrainerState
+
+    from promptrec.training import TimeLimit
+
+    now = [0.0]
+    first = TimeLimit(10, clock=lambda: now[0])
+    args, state, control = SimpleNamespace(), TrainerState(), TrainerControl()
+    first.on_train_begin(args, state, control)
+    now[0], state.global_step = 6.0, 3
+    first.on_step_end(args, state, control)
+    saved = TrainerState(global_step=3, stateful_callbacks=[first])  # what a checkpoint at step 3 stores
+    assert saved.stateful_callbacks["TimeLimit"]["attributes"] == {"elapsed": 6.0}
+
+    now[0] = 1000.0  # a later process, a new callback
+    resumed, control = TimeLimit(10, clock=lambda: now[0]), TrainerControl()
+    resumed.on_train_begin(args, saved, control)
+    now[0], saved.global_step = 1003.0, 4
+    assert not resumed.on_step_end(args, saved, control).should_training_stop
+    now[0], saved.global_step = 1004.0, 5
+    assert resumed.on_step_end(args, saved, control).should_training_stop
+    assert resumed.summary() == {"max_train_seconds": 10, "seconds": 10.0, "steps": 5, "stopped": True}
+    fresh = TimeLimit(10, clock=lambda: now[0])  # a run that starts at step 0 ignores any stored state
+    fresh.on_train_begin(args, TrainerState(stateful_callbacks=[first]), TrainerControl())
+    assert fresh.before == 0.0
+
+
 @pytest.fixture(scope="module")
 def continued_run(tmp_path_factory, embedded_model_dir):
     """An SFT run (make_sft_run: non-zero lora_B) continued by sft/train.py --init_adapter for what 1e-3 s allows
