@@ -22,7 +22,8 @@ recipe, on fresh train rows, for as long as the PO stage took:
   stage ``sft_continued``, ``init_adapter: RUN`` and holds RUN's config as ``sft_run``.
 * ``--max_train_seconds S``: stop training after S seconds of wall time (counted from the start of training,
   checked at each step's end); the run then evaluates and saves as usual. metrics.json's ``time_limit`` records the
-  steps done and the seconds taken. ``max_steps`` still caps the steps and sets the learning-rate schedule.
+  steps done and the seconds taken. ``max_steps`` still caps the steps and sets the learning-rate schedule. A run
+  resumed with ``--resume_from_checkpoint`` gets what is left of S after the checkpoint's seconds.
 * ``--exclude_ids FILE``: a table with an ``id`` column (.csv/.jsonl/.parquet); those triplets are dropped before
   the ``max_samples`` sample and the split (the pipeline's control excludes the rows the DPO rounds sampled; rows
   SFT itself trained on can recur, since which of them its shuffled batches reached is not recorded).
