@@ -173,7 +173,9 @@ def provenance_lines(stages: dict[str, dict], rows: list[dict]) -> list[str]:
              "changed):", ""]
     for inv in invocations:
         config = next(s["config"] for s in stages.values() if s["invocation"] == inv)
-        differ = ", ".join(f"{k}={v}" for k, v in config.items() if latest.get(k) != v) or "same arguments"
+        differ = ("the latest: the lines above list where an earlier one's arguments differ from it"
+                  if inv == invocations[-1] else ", ".join(f"{k}={v}" for k, v in config.items()
+                                                          if latest.get(k) != v) or "same arguments as the latest")
         lines.append(f"- {inv}: {', '.join(n for n, s in stages.items() if s['invocation'] == inv)} ({differ})")
     lines += ["", "| row | invocations of its stages |", "|---|---|"]
     for r in rows:

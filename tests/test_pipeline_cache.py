@@ -173,3 +173,18 @@ def test_a_deleted_output_reruns_its_stage_and_an_old_folder_is_kept_aside(tmp_p
     calls.clear()
     run_all(make_runner(tmp_path), fake_stages(calls, knobs))
     assert calls == ["split", "a", "b"] and "train.parquet is missing" in capsys.readouterr().out
+
+
+def test_report_names_each_invocations_arguments_against_the_latest():
+    """A run folder whose stages come from two invocations: the earlier one lists what differed from the latest;
+    the latest is not called "same arguments" (it is the reference)."""
+    from comparison import provenance_lines
+
+    early = {"invocation": "2026-12-06T17:07", "config": {"dpo_rounds": 2, "seed": 42}}
+    late = {"invocation": "2026-12-07T04:31", "config": {"dpo_rounds": 1, "seed": 42}}
+    lines = provenance_lines({"sft": early, "dpo": late}, [{"id": "sft", "method": "SFT adapter"},
+                                                          {"id": "dpo", "method": "DPO adapter"}])
+    assert "- 2026-12-06T17:07: sft (dpo_rounds=2)" in lines
+    (latest,) = [line for line in lines if line.startswith("- 2026-12-07T04:31: dpo")]
+    assert "the latest" in latest and "same arguments" not in latest
+    assert "| DPO adapter | 2026-12-06T17:07, 2026-12-07T04:31 |" in lines
