@@ -376,7 +376,7 @@ class TimeLimit(TrainerCallback, ExportableState):
     """Ends training once ``seconds`` of wall time have passed since it began (``on_train_begin``; loading the model
     and data is not counted), checked at each optimizer step's end: the trainer stops as after its last step and the
     script evaluates and saves as usual. :meth:`summary` says how long it ran and the global step it reached.
-    Checkpoints record the seconds trained up to them (TRL/transformers' stateful callbacks), so a run resumed with
+    Checkpoints record the seconds trained up to them (transformers' stateful callbacks), so a run resumed with
     ``--resume_from_checkpoint`` gets what is left of the budget, not a fresh one. ``clock`` is for tests. With
     several processes the ranks agree (any rank past the limit stops all), so none is left waiting in a collective
     the others have quit."""
