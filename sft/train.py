@@ -150,6 +150,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
     # ---------------------------------------------------------------------------------------------- train
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    if time_limit:  # --restore_callback_states_from_checkpoint replaces it by one rebuilt from the checkpoint
+        time_limit = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeLimit))
     metrics = {"train": result.metrics, **({"time_limit": time_limit.summary()} if time_limit else {})}
     if eval_ds is not None:
         metrics["eval"] = trainer.evaluate()

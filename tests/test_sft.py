@@ -172,6 +172,35 @@ def test_time_limit_resumed_from_a_checkpoint_gets_what_is_left_of_its_budget():
     assert fresh.before == 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("restore", ["false", "true"])
+def test_time_limit_state_rides_a_real_checkpoint_into_the_resumed_run(tmp_path, tiny_triplets, restore):
+    """sft/train.py --max_train_seconds: the checkpoint's trainer_state.json holds the seconds trained to it, and a
+    run resumed from it with a budget of exactly those seconds stops at its first step (a fresh clock would run on
+    to max_steps). With --restore_callback_states_from_checkpoint transformers rebuilds the callback as saved, budget
+    included, and metrics.json reports that live callback, not the one the script built."""
+    triplets = tmp_path / "triplets.jsonl"
+    tiny_triplets.to_json(triplets, orient="records", lines=True)
+    out = tmp_path / "run"
+    main = load_script("sft/train.py").main
+    plain = ["--load_in_4bit", "false", "--use_bnb_nested_quant", "false", "--save_strategy", "steps",
+             "--save_steps", "1"]
+    main(*parse(sft_args(triplets, out, *plain, "--max_steps", "1", "--max_train_seconds", "1000")))
+    saved = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["stateful_callbacks"]["TimeLimit"]
+    spent = saved["attributes"]["elapsed"]
+    assert saved["args"] == {"seconds": 1000.0} and spent > 0
+
+    trainer = main(*parse(sft_args(triplets, out, *plain, "--max_steps", "6", "--max_train_seconds", str(spent),
+                                   "--resume_from_checkpoint", str(out / "checkpoint-1"),
+                                   "--restore_callback_states_from_checkpoint", restore)))
+    summary = json.loads((out / "metrics.json").read_text())["time_limit"]
+    assert summary["seconds"] > spent and summary["steps"] == trainer.state.global_step
+    if restore == "false":  # the budget given now, less what the checkpoint had spent
+        assert trainer.state.global_step == 2 and summary["stopped"] and summary["max_train_seconds"] == spent
+    else:  # transformers rebuilds the callback as saved: the saved budget (1000 s) rules, the clock still resumes
+        assert trainer.state.global_step == 6 and not summary["stopped"] and summary["max_train_seconds"] == 1000
+
+
 @pytest.fixture(scope="module")
 def continued_run(tmp_path_factory, embedded_model_dir):
     """An SFT run (make_sft_run: non-zero lora_B) continued by sft/train.py --init_adapter for what 1e-3 s allows
