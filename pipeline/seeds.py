@@ -41,14 +41,12 @@ class SeedArguments:
         "help": "The row each method is paired against: sft, or e.g. control (SFT continued for the same time: "
                 "docs/po_selection.md's secondary statistic)."})
     known: list[str] = field(default_factory=list, metadata={
-        "help": "Runs given as numbers, 'LABEL: ROW=DIFF, ROW=DIFF' (a report row's − SFT difference, e.g. "
-                "'42: dpo=-0.0129')."})
+        "help": "Runs given as numbers, 'LABEL: ROW=DIFF, ROW=DIFF': a report row's paired difference to the "
+                "--baseline row (e.g. '42: dpo=-0.0129' against sft), for a run whose folder is gone."})
     scorer: str = field(default="embedded", metadata={"help": "SCS scorer (the runs' own: see their report.json)."})
     output_dir: str = field(default="checkpoints/pipeline/seeds", metadata={"help": "Where seeds.md/json go."})
 
     def __post_init__(self):
-        if self.known and self.baseline != "sft":
-            raise ValueError("--known values are differences to SFT: give them only with --baseline sft")
         if len(self.runs) + len(self.known) < 2:
             raise ValueError("give at least two runs (--runs and --known together)")
 
@@ -111,6 +109,16 @@ def run_drift(run: str, method: str) -> dict | None:
             "sft_top_share": drift["reference"]["top_share"], "doubled": drift["doubled"]}
 
 
+def run_machine(run: str) -> str | None:
+    """Where the run's report says it ran, in short: bf16 instructions yes/no and the SFT run's training dtype (runs
+    of one experiment can come from machines that differ there, and their SFT adapters differ with it)."""
+    report = Path(run) / "report.json"
+    env = json.loads(report.read_text(encoding="utf-8")).get("environment") if report.is_file() else None
+    if not env:
+        return None
+    return f"bf16 CPU: {'yes' if env.get('cpu_bf16') else 'no'}, training {env.get('training_dtype') or '?'}"
+
+
 def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -> list[dict]:
     """Per method: each run's paired difference to the baseline (SFT), the across-run t-interval, the seed-averaged
     rows."""
@@ -119,7 +127,7 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
     for method in args.methods:
         runs = [{"run": Path(label).name, **dict(zip(("diff", "low", "high"),
                                                   paired(scores[method], scores[base], groups))),
-                 "drift": run_drift(label, method)}
+                 "drift": run_drift(label, method), "ran_on": run_machine(label)}
                 for label, scores in zip(args.runs, per_run) if method in scores and base in scores]
         runs += [{"run": label, "diff": values[method], "low": None, "high": None}
                  for label, values in known if method in values]
@@ -145,17 +153,17 @@ def markdown(results: list[dict]) -> str:
         return f"{d['top_word']!r} {d['top_share']:.0%} (SFT's top word {d['sft_top_share']:.0%}){flag}"
 
     base = results[0].get("baseline", "sft") if results else "sft"
-    lines = [f"| method | run | − {base}, paired (95% CI) | top opening word |", "|---|---|---|---|"]
+    lines = [f"| method | run | − {base}, paired (95% CI) | top opening word | ran on |", "|---|---|---|---|---|"]
     for r in results:
         lines += [f"| {r['method']} | {x['run']} | {x['diff']:+.4f}{ci(x['low'], x['high'])} | "
-                  f"{drift(x.get('drift'))} |" for x in r["runs"]]
+                  f"{drift(x.get('drift'))} | {x.get('ran_on') or ''} |" for x in r["runs"]]
         a, p = r["across_runs"], r["row_average"]
         spread = "" if math.isnan(a["sd"]) else f", SD {a['sd']:.4f}"
         lines.append(f"| **{r['method']}** | **mean of {len(r['runs'])} runs, t-interval over runs{spread}** | "
-                     f"**{a['mean']:+.4f}{ci(a['low'], a['high'])}** | |")
+                     f"**{a['mean']:+.4f}{ci(a['low'], a['high'])}** | | |")
         if p["n_runs"]:
             lines.append(f"| {r['method']} | rows averaged over {p['n_runs']} runs, cluster bootstrap | "
-                         f"{p['mean']:+.4f}{ci(p['low'], p['high'])} | |")
+                         f"{p['mean']:+.4f}{ci(p['low'], p['high'])} | | |")
     return "\n".join(lines) + "\n"
 
 

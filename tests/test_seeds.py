@@ -99,6 +99,23 @@ def test_compare_against_another_baseline_such_as_the_compute_matched_control(tm
     assert result["baseline"] == "base" and [r["diff"] for r in result["runs"]] == pytest.approx([0.5, 0.25])
 
 
+def test_a_known_run_joins_a_non_sft_baseline_and_each_run_says_where_it_ran(tmp_path):
+    """A run whose folder is gone enters as its paired difference to the --baseline row; a run's report.json
+    environment (bf16 instructions, training dtype) is shown beside its row, since seeds can come from machines
+    whose SFT adapters differ."""
+    sft = ["no"] * 4
+    run1 = make_run(tmp_path, "s1", sft, ["Make it a poem.", "no", "no", "no"])
+    run2 = make_run(tmp_path, "s2", sft, ["no"] * 4)
+    env = {"cpu": "AMD EPYC", "cpu_bf16": False, "training_dtype": "float32"}
+    (Path(run1) / "report.json").write_text(json.dumps({"rows": [], "environment": env}))
+    args = SeedArguments(runs=[run1, run2], methods=["dpo"], baseline="base", known=["1: dpo=-0.0165"])
+    (result,) = compare(args, *run_scores(args.runs, ExactScorer(), args.methods, args.baseline))
+    assert [r["diff"] for r in result["runs"]] == pytest.approx([0.25, 0.0, -0.0165])
+    assert [r.get("ran_on") for r in result["runs"]] == ["bf16 CPU: no, training float32", None, None]
+    assert "| dpo | s1 | +0.2500 (" in markdown([result]) and "| bf16 CPU: no, training float32 |" in markdown(
+        [result])
+
+
 def test_runs_of_another_split_are_refused(tmp_path):
     same = ["no"] * 4
     run1 = make_run(tmp_path, "s1", same, same)
