@@ -98,22 +98,25 @@ def sd(values) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
-def run_drift(run: str, method: str) -> dict | None:
-    """The method row's opening-word drift from the run's report.json (None when the report has none)."""
+def read_report(run: str) -> dict:
+    """The run's report.json ({} when it has none)."""
     report = Path(run) / "report.json"
-    rows = json.loads(report.read_text(encoding="utf-8"))["rows"] if report.is_file() else []
-    drift = next((r.get("drift") for r in rows if r.get("id") == method), None)
+    return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+
+
+def run_drift(report: dict, method: str) -> dict | None:
+    """The method row's opening-word drift from the run's report (None when the report has none)."""
+    drift = next((r.get("drift") for r in report.get("rows", []) if r.get("id") == method), None)
     if not drift:
         return None
     return {"top_word": drift["top_word"], "top_share": drift["top_share"],
             "sft_top_share": drift["reference"]["top_share"], "doubled": drift["doubled"]}
 
 
-def run_machine(run: str) -> str | None:
+def run_machine(report: dict) -> str | None:
     """Where the run's report says it ran, in short: bf16 instructions yes/no and the SFT run's training dtype (runs
     of one experiment can come from machines that differ there, and their SFT adapters differ with it)."""
-    report = Path(run) / "report.json"
-    env = json.loads(report.read_text(encoding="utf-8")).get("environment") if report.is_file() else None
+    env = report.get("environment")
     if not env:
         return None
     return f"bf16 CPU: {'yes' if env.get('cpu_bf16') else 'no'}, training {env.get('training_dtype') or '?'}"
@@ -123,12 +126,13 @@ def compare(args: SeedArguments, per_run: list[dict[str, np.ndarray]], groups) -
     """Per method: each run's paired difference to the baseline (SFT), the across-run t-interval, the seed-averaged
     rows."""
     known, base = [parse_known(k) for k in args.known], args.baseline
+    reports = [read_report(run) for run in args.runs]
     results = []
     for method in args.methods:
         runs = [{"run": Path(label).name, **dict(zip(("diff", "low", "high"),
                                                   paired(scores[method], scores[base], groups))),
-                 "drift": run_drift(label, method), "ran_on": run_machine(label)}
-                for label, scores in zip(args.runs, per_run) if method in scores and base in scores]
+                 "drift": run_drift(report, method), "ran_on": run_machine(report)}
+                for label, scores, report in zip(args.runs, per_run, reports) if method in scores and base in scores]
         runs += [{"run": label, "diff": values[method], "low": None, "high": None}
                  for label, values in known if method in values]
         if len(runs) < 2:

@@ -112,8 +112,8 @@ def test_a_known_run_joins_a_non_sft_baseline_and_each_run_says_where_it_ran(tmp
     (result,) = compare(args, *run_scores(args.runs, ExactScorer(), args.methods, args.baseline))
     assert [r["diff"] for r in result["runs"]] == pytest.approx([0.25, 0.0, -0.0165])
     assert [r.get("ran_on") for r in result["runs"]] == ["bf16 CPU: no, training float32", None, None]
-    assert "| dpo | s1 | +0.2500 (" in markdown([result]) and "| bf16 CPU: no, training float32 |" in markdown(
-        [result])
+    table = markdown([result])
+    assert "| dpo | s1 | +0.2500 (" in table and "| bf16 CPU: no, training float32 |" in table
 
 
 def test_runs_of_another_split_are_refused(tmp_path):
