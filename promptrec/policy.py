@@ -49,12 +49,6 @@ class Policy:
         return {"model": self.model, "adapter": self.adapter, "max_text_tokens": self.max_text_tokens,
                 "load_in_4bit": self.load_in_4bit}
 
-    def load_kwargs(self) -> dict:
-        """The keyword arguments of :func:`promptrec.models.load_model` that load the base as this policy says."""
-        return {"adapter": self.adapter, "load_in_4bit": self.load_in_4bit, "load_in_8bit": self.load_in_8bit,
-                "quant_type": self.quant_type, "double_quant": self.double_quant, "quant_storage": self.quant_storage,
-                "revision": self.revision, "attn_implementation": self.attn_implementation}
-
 
 class PolicyFlags(Protocol):
     """What an entry script's arguments say about the policy (predict's; candidates' name them policy*)."""
@@ -119,7 +113,10 @@ def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
     tokenizer = load_tokenizer(policy.tokenizer_source)
     logger.info("Loading %s%s (%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
                 "4-bit" if policy.load_in_4bit else dtype)
-    model = load_model(policy.model, dtype=dtype, device_map=device_map, **policy.load_kwargs())
+    model = load_model(policy.model, adapter=policy.adapter, dtype=dtype, device_map=device_map,
+                       load_in_4bit=policy.load_in_4bit, load_in_8bit=policy.load_in_8bit, revision=policy.revision,
+                       quant_type=policy.quant_type, double_quant=policy.double_quant,
+                       quant_storage=policy.quant_storage, attn_implementation=policy.attn_implementation)
     model.eval()
     return model, tokenizer
 
