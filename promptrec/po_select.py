@@ -13,7 +13,8 @@ candidate listed first, and :func:`grid` lists SFT first, then the start adapter
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -100,3 +101,21 @@ def interpolate(model, anchor: str, target: str, alpha: float, name: str) -> str
                              "of such an adapter is not B·A alone); select without interpolations (--alphas '')")
     model.add_weighted_adapter([anchor, target], [1.0 - alpha, alpha], name, combination_type="cat")
     return name
+
+
+@contextmanager
+def active_adapter(model, name: str, merge: bool = False) -> Iterator[None]:
+    """Make ``name`` the PEFT ``model``'s active adapter for the block; with ``merge``, also fold its update into the
+    base weights (``merge_adapter``: the forward pass skips the LoRA matmuls, which a CPU decode pays for, twice over
+    for an interpolation's rank-2r adapter) and fold it out again afterwards (``unmerge_adapter``), so the next
+    candidate starts from the base. Only for an unquantised base (:func:`promptrec.policy.should_merge`)."""
+    model.set_adapter(name)
+    if not merge:
+        yield
+        return
+    model.merge_adapter([name])
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+

@@ -108,15 +108,37 @@ def resolve_policy(model: str | None = None, adapter: str | None = None, max_tex
     # flash_attention_2 run must load on a T4 or a CPU, and every kernel computes the same attention)
 
 
-def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
-    """``(model, tokenizer)`` of ``policy``, the model in eval mode."""
+MERGE_CHOICES = ("auto", "true", "false")
+MERGE_HELP = ("Fold the LoRA update into the base weights before decoding (PEFT merge): the same model without the "
+              "LoRA matmuls, so faster where they cost (a CPU). 'auto': when the base is not quantised (merging into "
+              "4/8-bit weights re-quantises them); 'true': the same, an error on a quantised base; 'false': keep the "
+              "LoRA layers. Greedy answers may differ from unmerged ones by float rounding on near-ties.")
+
+
+def should_merge(policy: Policy, merge: str | bool) -> bool:
+    """Whether ``policy``'s adapter is merged into its base for decoding, (``--merge_adapter``, :data:`MERGE_HELP`)."""
+    merge = str(merge).lower()
+    if merge not in MERGE_CHOICES:
+        raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {merge!r}")
+    quantised = bool(policy.load_in_4bit or policy.load_in_8bit)
+    if merge == "true" and quantised:
+        raise ValueError("--merge_adapter true needs an unquantised base: merging into 4/8-bit weights re-quantises "
+                         "them (use auto or false)")
+    return bool(policy.adapter) and merge != "false" and not quantised
+
+
+def load_policy(policy: Policy, dtype: str = "auto", device_map=None, merge: bool = False):
+    """``(model, tokenizer)`` of ``policy``, the model in eval mode; with ``merge`` (see :func:`should_merge`) the
+    adapter is folded into the base (``merge_and_unload``) and a plain model comes back."""
     tokenizer = load_tokenizer(policy.tokenizer_source)
-    logger.info("Loading %s%s (%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
-                "4-bit" if policy.load_in_4bit else dtype)
+    logger.info("Loading %s%s (%s%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
+                "4-bit" if policy.load_in_4bit else dtype, ", merged" if merge and policy.adapter else "")
     model = load_model(policy.model, adapter=policy.adapter, dtype=dtype, device_map=device_map,
                        load_in_4bit=policy.load_in_4bit, load_in_8bit=policy.load_in_8bit, revision=policy.revision,
                        quant_type=policy.quant_type, double_quant=policy.double_quant,
                        quant_storage=policy.quant_storage, attn_implementation=policy.attn_implementation)
+    if merge and policy.adapter:
+        model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
