@@ -89,6 +89,10 @@ class BenchArguments:
     def __post_init__(self):
         if self.reward_model and self.mbr_candidates < 1:
             raise ValueError("--reward_model needs --mbr_candidates N (the samples it reranks)")
+        modes = {adapter_mode(v) for v in ([self.variant] if self.variant else self.variants)} - {""}
+        if modes and (self.gpu or not self.adapter):
+            raise ValueError(f"the ':{min(modes)}' variants need --adapter DIR (a LoRA run of the embedded model) "
+                             "and no --gpu")
 
 
 def load_rows(args: BenchArguments):
@@ -204,8 +208,6 @@ def load_variant_model(args: BenchArguments, dtype: str, tokenizer, mode: str = 
     """The embedded SmolLM2 in ``dtype`` (``auto`` resolved by :func:`generation_dtype`), with ``--adapter`` on top
     as LoRA layers or merged into it by ``mode`` (:func:`adapter_mode`), or on ``--gpu`` the random Mistral-7B shape
     in 4-bit; ``(model, label, load seconds)``."""
-    if mode and not args.adapter:
-        raise ValueError(f"a ':{mode}' variant needs --adapter DIR (a LoRA run of the embedded model)")
     start = time.perf_counter()
     if args.gpu:
         model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)

@@ -47,7 +47,7 @@ from promptrec.po_select import (
     interpolate,
     selection_table,
 )
-from promptrec.policy import MERGE_HELP, load_policy, resolve_policy, should_merge
+from promptrec.policy import MERGE_CHOICES, MERGE_HELP, load_policy, resolve_policy, should_merge
 from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
 from promptrec.predict import predict_frame
 from promptrec.run_config import RUN_CONFIG, read_run_config
@@ -84,13 +84,18 @@ class SelectArguments(ScorerArguments):
     max_new_tokens: int = field(default=48, metadata={"help": "Longest prediction in tokens (predict's default)."})
     batch_size: int = field(default_factory=default_batch_size, metadata={"help": "Rows per generate() call."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype, as predict's --dtype."})
-    merge_adapter: str = field(default="false", metadata={"help": MERGE_HELP + " Each candidate is merged for its "
-                                                                  "decode and unmerged after it."})
+    merge_adapter: str = field(default="false", metadata={"help": MERGE_HELP + (
+        " Each candidate is merged for its decode, and the base restored from a copy after it. With CUDA the policy "
+        "loads in 4-bit: never merged.")})
     seed: int = field(default=42, metadata={"help": "Seed of the bootstrap."})
     prediction_cache: str = field(default="auto", metadata={
         "help": "Folder of validation predictions keyed by the adapter file's digest and every setting that decides "
                 "them, so SFT (and a later round's start) is decoded once per run, not once per selection; 'auto': "
                 "select_cache/ beside --sft_adapter (shared by every round and the control); 'none': off."})
+
+    def __post_init__(self):
+        if self.merge_adapter not in MERGE_CHOICES:
+            raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
 
     def weights(self) -> list[float]:
         try:

@@ -25,7 +25,15 @@ import torch
 from promptrec.environment import describe_environment, model_dtype
 from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
-from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, MERGE_HELP, Policy, load_policy, policy_of, should_merge
+from promptrec.policy import (
+    DEFAULT_MAX_TEXT_TOKENS,
+    MERGE_CHOICES,
+    MERGE_HELP,
+    Policy,
+    load_policy,
+    policy_of,
+    should_merge,
+)
 from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
 from promptrec.run_config import override_field
 from promptrec.scoring import Scorer, ScorerArguments
@@ -124,6 +132,8 @@ class PredictArguments(ScorerArguments):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError("max_text_tokens must be >= 1")
+        if self.merge_adapter not in MERGE_CHOICES:
+            raise ValueError(f"merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
         if self.kv_cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_cache must be auto, static or dynamic, not {self.kv_cache!r}")
         if self.selection not in SELECTIONS:

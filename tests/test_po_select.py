@@ -117,7 +117,7 @@ def test_a_merged_candidate_decodes_as_its_lora_layers_and_leaves_the_base_as_it
         assert not layer.merged
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     after = dict(model.named_parameters())
-    assert all(torch.allclose(after[n], w, atol=1e-6) for n, w in base.items())
+    assert all(torch.equal(after[n], w) for n, w in base.items())  # restored bit for bit, not merely close
 
 
 # ------------------------------------------------------------------------------------- dpo/select_adapter.py
@@ -201,6 +201,7 @@ def test_a_shipped_interpolation_loads_as_the_mixed_update(two_runs, tmp_path, m
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the policy loads in 4-bit, which is never merged")
 def test_a_merged_selection_keeps_its_own_cache_entries(two_runs, tmp_path):
     """Merged decodes may differ from unmerged ones by float rounding: they never reuse, nor overwrite, the
     unmerged predictions a seed's earlier selections cached."""

@@ -445,6 +445,8 @@ def test_a_merged_policy_computes_what_its_lora_layers_compute(adapter_dir, embe
         should_merge(quantised, "true")
     with pytest.raises(ValueError, match="auto, true, false"):
         should_merge(policy, "yes")
+    with pytest.raises(ValueError, match="merge_adapter must be one of"):
+        PredictArguments(merge_adapter="yes")  # a bad value fails with the arguments, before any model loads
 
     lora, _ = load_policy(policy)
     merged, _ = load_policy(policy, merge=True)
