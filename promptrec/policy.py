@@ -144,7 +144,7 @@ def load_policy(policy: Policy, dtype: str = "auto", device_map=None, merge: boo
 
 
 def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dtype: str = "auto",
-                 batch_size: int | None = None, use_cpu: bool = False):
+                 batch_size: int | None = None, use_cpu: bool = False, merge: bool = False):
     """``(tokenizer, batches)`` of ``policy`` (the rewrite step's generator or the candidate sampler), where
     ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter).
     ``dtype`` is resolved by :func:`promptrec.models.generation_dtype` (``auto_bf16``: bf16 on a bf16 CPU)."""
@@ -153,5 +153,5 @@ def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dt
 
         tokenizer = load_tokenizer(policy.tokenizer_source)
         return tokenizer, vllm_batches(policy.model, tokenizer, params)
-    model, tokenizer = load_policy(policy, generation_dtype(dtype), device_map="cpu" if use_cpu else None)
+    model, tokenizer = load_policy(policy, generation_dtype(dtype), device_map="cpu" if use_cpu else None, merge=merge)
     return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, batch_size, desc=desc)
