@@ -5,6 +5,8 @@
     python bench/bench_predict.py --gpu                   # random-init Mistral-7B shape in 4-bit; skips without CUDA
     python bench/bench_predict.py --single_rows 32 --mbr_candidates 4   # also one row at a time, and greedy vs MBR
     python bench/bench_predict.py --variants auto:32:auto --mbr_candidates 4 --reward_model checkpoints/reward/<run>
+    python bench/bench_predict.py --adapter checkpoints/pipeline/smollm2/sft --variants auto:32:auto:lora \
+        auto:32:auto:merged                               # the LoRA layers' cost: an adapter as trained vs merged
 
 Every variant times ``promptrec.predict.predict_frame`` (what inference/predict.py and the Kaggle notebook run) on
 the same real rows. A variant is ``DTYPE:BATCH:CACHE``: DTYPE float32, bfloat16, auto (fp32 on a CPU) or auto_bf16
@@ -77,6 +79,9 @@ class BenchArguments:
         "help": "A reward/train_rm.py run: with --mbr_candidates N also time --selection reward (none: skipped)."})
     scorer: str = field(default="auto", metadata={
         "help": "MBR scorer: 'auto' (sentence-t5-base when loadable, else the embedded MiniLM), 'embedded', a dir."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "A LoRA run of the embedded model (e.g. checkpoints/pipeline/smollm2/sft) for the variants that end "
+                "in ':lora' (its PEFT layers) or ':merged' (folded into the base, --merge_adapter)."})
     seed: int = field(default=0, metadata={"help": "Row sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
     variant: str | None = field(default=None, metadata={"help": "(internal) run one variant in this process."})
@@ -84,6 +89,10 @@ class BenchArguments:
     def __post_init__(self):
         if self.reward_model and self.mbr_candidates < 1:
             raise ValueError("--reward_model needs --mbr_candidates N (the samples it reranks)")
+        modes = {adapter_mode(v) for v in ([self.variant] if self.variant else self.variants)} - {""}
+        if modes and (self.gpu or not self.adapter):
+            raise ValueError(f"the ':{min(modes)}' variants need --adapter DIR (a LoRA run of the embedded model) "
+                             "and no --gpu")
 
 
 def load_rows(args: BenchArguments):
@@ -130,14 +139,24 @@ def random_model_dir(path: str, tokenizer, num_hidden_layers: int = 32, device: 
 
 
 def parse_variant(text: str) -> tuple[str, int, str]:
-    """``"bfloat16:32:static"`` → ``("bfloat16", 32, "static")``."""
+    """``"bfloat16:32:static"`` → ``("bfloat16", 32, "static")``; an ``ADAPTER`` part (:func:`adapter_mode`) may
+    follow."""
     try:
-        dtype, batch, cache = text.split(":")
-        if cache not in ("auto", "static", "dynamic") or int(batch) < 1:
+        dtype, batch, cache, *mode = text.split(":")
+        if cache not in ("auto", "static", "dynamic") or int(batch) < 1 or mode not in ([], ["lora"], ["merged"]):
             raise ValueError
     except ValueError:
-        raise ValueError(f"variant {text!r}: expected DTYPE:BATCH:CACHE, e.g. bfloat16:32:static") from None
+        raise ValueError(f"variant {text!r}: expected DTYPE:BATCH:CACHE[:lora|merged], e.g. bfloat16:32:static or "
+                         "auto:32:auto:merged") from None
     return dtype, int(batch), cache
+
+
+def adapter_mode(text: str) -> str:
+    """A variant's ``ADAPTER`` part: ``lora`` (``--adapter`` as PEFT layers), ``merged`` (folded into the base),
+    or ``""`` (the base alone)."""
+    parse_variant(text)
+    parts = text.split(":")
+    return parts[3] if len(parts) == 4 else ""
 
 
 class TimedRewarder:
@@ -185,16 +204,18 @@ def time_predict(test, model, tokenizer, args: BenchArguments, batch_size: int, 
             "rows_per_s": round(len(test) / seconds, 4), "new_tokens_per_s": round(new_tokens / seconds, 1)}, answers
 
 
-def load_variant_model(args: BenchArguments, dtype: str, tokenizer):
-    """The embedded SmolLM2 in ``dtype`` (``auto`` resolved by :func:`generation_dtype`), or on ``--gpu`` the random
-    Mistral-7B shape in 4-bit; ``(model, label, load seconds)``."""
+def load_variant_model(args: BenchArguments, dtype: str, tokenizer, mode: str = ""):
+    """The embedded SmolLM2 in ``dtype`` (``auto`` resolved by :func:`generation_dtype`), with ``--adapter`` on top
+    as LoRA layers or merged into it by ``mode`` (:func:`adapter_mode`), or on ``--gpu`` the random Mistral-7B shape
+    in 4-bit; ``(model, label, load seconds)``."""
     start = time.perf_counter()
     if args.gpu:
         model = load_model(random_model_dir(args.gpu_model_dir, tokenizer), load_in_4bit=True)
         label = f"random-init Mistral-7B shape, 4-bit NF4, {torch.cuda.get_device_name()}"
     else:
         resolved = generation_dtype(dtype)
-        model = load_model("embedded", dtype=resolved).eval()
+        model = load_model("embedded", dtype=resolved, adapter=args.adapter if mode else None)
+        model = (model.merge_and_unload() if mode == "merged" else model).eval()
         label = f"embedded SmolLM2-135M, CPU with {torch.get_num_threads()} threads"
     return model, label, time.perf_counter() - start
 
@@ -204,13 +225,14 @@ def run_one(args: BenchArguments) -> dict:
     dtype, batch, cache = parse_variant(args.variant)
     test = load_rows(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    model, label, load_s = load_variant_model(args, dtype, tokenizer)
+    model, label, load_s = load_variant_model(args, dtype, tokenizer, adapter_mode(args.variant))
     time_predict(test.head(4), model, tokenizer, args, 4, kv_cache=cache)  # warm-up: kernels, caches
     loaded = peak_rss_mb()
     figures, answers = time_predict(test, model, tokenizer, args, batch, kv_cache=cache)
     peak = peak_rss_mb()
     resolved = "4-bit" if args.gpu else str(generation_dtype(dtype)).removeprefix("torch.")
     return {**figures, "variant": args.variant, "dtype": resolved, "kv_cache": cache, "model": label,
+            "adapter": adapter_mode(args.variant) or None,
             "load_s": round(load_s, 1), "peak_rss_mb": peak, "generation_mem_mb": round(peak - loaded, 1),
             "answers": answers}
 
@@ -269,7 +291,7 @@ def main(args: BenchArguments) -> None:
     dtype, batch, cache = parse_variant(args.variants[-1])
     model = None
     if args.single_rows or args.mbr_candidates:
-        model, _, _ = load_variant_model(args, dtype, tokenizer)
+        model, _, _ = load_variant_model(args, dtype, tokenizer, adapter_mode(args.variants[-1]))
     if args.single_rows:
         single, _ = time_predict(test.head(args.single_rows), model, tokenizer, args, 1, kv_cache=cache)
         speedup = round(default["rows_per_s"] / single["rows_per_s"], 2)

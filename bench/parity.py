@@ -2,6 +2,12 @@
 
     python bench/parity.py --run_dir checkpoints/pipeline/real_gemma --stages sft
     python bench/parity.py --run_dir checkpoints/pipeline/smollm2 --stages sft dpo
+    python bench/parity.py --run_dir checkpoints/pipeline/real_gemma_p2 --stages sft \
+        --flags merge_adapter=true --flags_are new            # a candidate fast path against today's predict
+
+With ``--flags`` (predict.py's flags as ``name=value``; default: the old path's, below) and ``--flags_are new``,
+the re-predicted rows are the fast side and the pipeline's own predictions the old side: how a setting that is not
+the default yet is checked before it becomes one.
 
 For each stage named, the pipeline's predict stage wrote ``<run_dir>/predict/<stage>.csv`` with today's defaults
 (``--dtype auto``: bf16 on a CPU with bf16 instructions, batch 32, static KV cache). This script predicts the same
@@ -43,6 +49,24 @@ class ParityArguments:
         "help": "Adapters to compare: sft, dpo, or iterate (the last DPO round)."})
     scorer: str | None = field(default=None, metadata={"help": "Scorer; default: the run's (its last invocation)."})
     output: str | None = field(default=None, metadata={"help": "JSON file for the figures (default run_dir/parity)."})
+    flags: list[str] = field(default_factory=lambda: ["dtype=float32", "batch_size=8", "kv_cache=dynamic"], metadata={
+        "help": "predict.py flags of the re-predicted side as name=value (default: the old path's)."})
+    flags_are: str = field(default="old", metadata={
+        "help": "old: the re-predicted side is the old path, the pipeline's predictions the fast one (the check of "
+                "today's defaults); new: the other way round (the check of a candidate default)."})
+
+    def __post_init__(self):
+        if self.flags_are not in ("old", "new"):
+            raise ValueError(f"--flags_are must be old or new, not {self.flags_are!r}")
+        if any("=" not in f for f in self.flags):
+            raise ValueError(f"--flags are name=value pairs of predict.py's flags, not {self.flags}")
+
+    def cli(self) -> list[str]:
+        return [part for f in self.flags for part in (f"--{f.split('=', 1)[0]}", f.split("=", 1)[1])]
+
+    def label(self) -> str:
+        """The re-predicted side's file label: ``float32`` for the old path (as before), else the flags."""
+        return "float32" if self.cli() == OLD_PATH else "_".join(self.flags).replace("=", "-").replace("/", "_")
 
 
 def adapter_of(run_dir: Path, stage: str) -> Path:
@@ -55,13 +79,13 @@ def adapter_of(run_dir: Path, stage: str) -> Path:
     return run_dir / stage
 
 
-def predict_old_path(run_dir: Path, stage: str, out: Path) -> float:
-    """Predict the held-out rows the old way (once); returns the predict step's seconds."""
+def predict_old_path(run_dir: Path, stage: str, out: Path, flags: list[str] = OLD_PATH) -> float:
+    """Predict the held-out rows with ``flags`` (the old way by default), once; returns the predict step's seconds."""
     config = out.with_name(f"{out.stem}.config.json")
     if not out.exists():
         cmd = [sys.executable, str(REPO / "inference" / "predict.py"), "--adapter", str(adapter_of(run_dir, stage)),
                "--input", str(run_dir / "split" / "test.csv"), "--output", str(out), "--mean_prompt",
-               str(run_dir / "mean_prompt" / "mean_prompt.json"), *OLD_PATH]
+               str(run_dir / "mean_prompt" / "mean_prompt.json"), *flags]
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
             raise RuntimeError(f"predict failed: {' '.join(cmd)}")
     return json.loads(config.read_text())["seconds"]
@@ -77,10 +101,12 @@ def compare(args: ParityArguments) -> dict:
         new_file = run_dir / "predict" / f"{stage}.csv"
         if not new_file.exists():
             raise DataError(f"{new_file} not found: run the pipeline's predict stage first")
-        old_file = run_dir / "parity" / f"{stage}_float32.csv"
+        old_file = run_dir / "parity" / f"{stage}_{args.label()}.csv"
         old_file.parent.mkdir(parents=True, exist_ok=True)
-        old_s = predict_old_path(run_dir, stage, old_file)
+        old_s = predict_old_path(run_dir, stage, old_file, args.cli())
         new_s = json.loads(new_file.with_name(f"{stage}.config.json").read_text())["seconds"]
+        if args.flags_are == "new":  # the re-predicted side is the candidate: it plays "fast"
+            new_file, old_file, new_s, old_s = old_file, new_file, old_s, new_s
         by_id = {name: pd.read_csv(f).set_index("id")["rewrite_prompt"] for name, f in (("new", new_file),
                                                                                         ("old", old_file))}
         new, old = ([str(by_id[name].loc[i]) for i in truth["id"]] for name in ("new", "old"))
@@ -93,7 +119,8 @@ def compare(args: ParityArguments) -> dict:
                           "old_predict_s": old_s,
                           "passes": abs(mean) <= TOLERANCE and low <= 0 <= high}
         r = results[stage]
-        print(f"{stage}: fast {r['new_mean']:.4f} − float32 {r['old_mean']:.4f} = {mean:+.4f} "
+        sides = ("today's", " ".join(args.cli())) if args.flags_are == "old" else (" ".join(args.cli()), "today's")
+        print(f"{stage}: {sides[0]} {r['new_mean']:.4f} − {sides[1]} {r['old_mean']:.4f} = {mean:+.4f} "
               f"(95% CI {low:+.4f} … {high:+.4f}, {'prompt clusters' if groups is not None else 'rows'}); "
               f"{r['identical']}/{len(truth)} identical answers; predict {new_s:.0f} s vs {old_s:.0f} s "
               f"({old_s / new_s:.2f}x); {'within' if r['passes'] else 'OUTSIDE'} ±{TOLERANCE} with 0 in the CI",
@@ -103,11 +130,13 @@ def compare(args: ParityArguments) -> dict:
 
 def main(args: ParityArguments) -> dict:
     setup_logging()
-    environment = describe_environment(generation_dtype="auto (fast path) vs float32 (old path)")
+    environment = describe_environment(generation_dtype=f"auto vs {' '.join(args.cli())}")
     print(environment_line(environment), flush=True)
     results = compare(args)
     output = Path(args.output) if args.output else Path(args.run_dir) / "parity" / "parity.json"
-    write_json({"results": results, "environment": environment, "old_path": OLD_PATH}, output)
+    output = output if args.label() == "float32" or args.output else output.with_name(f"parity_{args.label()}.json")
+    write_json({"results": results, "environment": environment, "flags": args.cli(), "flags_are": args.flags_are},
+               output)
     return results
 
 

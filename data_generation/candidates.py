@@ -26,7 +26,7 @@ from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.generation import SamplingParams
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed
-from promptrec.policy import load_sampler, policy_of
+from promptrec.policy import MERGE_CHOICES, MERGE_HELP, load_sampler, policy_of, should_merge
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction, resolve_mean_prompt
 from promptrec.resumable import gather_parts, run_share, write_manifest
 from promptrec.run_config import override_field
@@ -63,6 +63,7 @@ class CandidateArguments(ScorerArguments):
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on a GPU, fp32 on a CPU), auto_bf16 (also bf16 on a CPU with bf16 instructions), "
                 "bfloat16, float32…"})
+    merge_adapter: str = field(default="false", metadata={"help": MERGE_HELP})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU, no adapter)."})
     num_samples: int = field(default=4, metadata={"help": "Policy samples per triplet."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, one sample)."})
@@ -100,6 +101,8 @@ class CandidateArguments(ScorerArguments):
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
             raise ValueError(f"sources must be some of {SOURCES}, not {self.sources}")
+        if self.merge_adapter not in MERGE_CHOICES:
+            raise ValueError(f"merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"backend must be hf or vllm, not {self.backend!r}")
         if self.backend == "vllm" and self.policy_adapter:
@@ -153,7 +156,8 @@ def generate_candidates(args: CandidateArguments, triplets: pd.DataFrame, parts_
         policy = policy_of(args)
         n = args.num_samples if args.temperature > 0 else 1
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, n, args.seed)
-        tokenizer, batches = load_sampler(policy, params, args.backend, args.dtype, args.batch_size, args.use_cpu)
+        tokenizer, batches = load_sampler(policy, params, args.backend, args.dtype, args.batch_size, args.use_cpu,
+                                          merge=should_merge(policy, args.merge_adapter))
         convs = [recovery_messages(r["original_text"], r["rewritten_text"], tokenizer, policy.max_text_tokens)
                  for r in rows]
         logger.info("First policy input:\n%s", tokenizer.apply_chat_template(convs[0], tokenize=False,

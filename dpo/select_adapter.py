@@ -36,8 +36,18 @@ from promptrec.drift import drift_summary
 from promptrec.generation import SamplingParams, default_batch_size
 from promptrec.model_card import write_model_card
 from promptrec.models import generation_dtype
-from promptrec.po_select import SFT, Candidate, adapter_name, choose, describe, grid, interpolate, selection_table
-from promptrec.policy import load_policy, resolve_policy
+from promptrec.po_select import (
+    SFT,
+    Candidate,
+    active_adapter,
+    adapter_name,
+    choose,
+    describe,
+    grid,
+    interpolate,
+    selection_table,
+)
+from promptrec.policy import MERGE_CHOICES, MERGE_HELP, load_policy, resolve_policy, should_merge
 from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
 from promptrec.predict import predict_frame
 from promptrec.run_config import RUN_CONFIG, read_run_config
@@ -74,11 +84,18 @@ class SelectArguments(ScorerArguments):
     max_new_tokens: int = field(default=48, metadata={"help": "Longest prediction in tokens (predict's default)."})
     batch_size: int = field(default_factory=default_batch_size, metadata={"help": "Rows per generate() call."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype, as predict's --dtype."})
+    merge_adapter: str = field(default="false", metadata={"help": MERGE_HELP + (
+        " Each candidate is merged for its decode, and the base restored from a copy after it. With CUDA the policy "
+        "loads in 4-bit: never merged.")})
     seed: int = field(default=42, metadata={"help": "Seed of the bootstrap."})
     prediction_cache: str = field(default="auto", metadata={
         "help": "Folder of validation predictions keyed by the adapter file's digest and every setting that decides "
                 "them, so SFT (and a later round's start) is decoded once per run, not once per selection; 'auto': "
                 "select_cache/ beside --sft_adapter (shared by every round and the control); 'none': off."})
+
+    def __post_init__(self):
+        if self.merge_adapter not in MERGE_CHOICES:
+            raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
 
     def weights(self) -> list[float]:
         try:
@@ -203,6 +220,7 @@ def main(args: SelectArguments) -> dict:
     logger.info("Candidates on %d validation rows: %s", len(validation), [c.name for c in candidates])
 
     policy = resolve_policy(adapter=str(sft))
+    merge = should_merge(policy, args.merge_adapter)
     model, tokenizer = load_policy(policy, generation_dtype(args.dtype))
     final = f"step{last}"
     for c in candidates:
@@ -216,14 +234,16 @@ def main(args: SelectArguments) -> dict:
     settings = {"validation": file_digest(Path(args.validation)), "rows": args.max_rows, "base": policy.model,
                 "dtype": str(generation_dtype(args.dtype)), "batch": args.batch_size, "tokens": args.max_new_tokens,
                 "text_tokens": policy.max_text_tokens, "mean_prompt": post.mean_prompt}
+    if merge:  # merged decodes may differ by float rounding: their own cache entries (unmerged keys stay as they were)
+        settings["merged"] = True
     scores, predictions, seconds, reused = {}, {}, {}, []
     for c in candidates:
         start, key = time.time(), cache_key(c, settings)
         predictions[c.name] = cached(folder, key, len(validation))
         if predictions[c.name] is None:
-            model.set_adapter(adapter_name(c))
-            frame = predict_frame(validation, model, tokenizer, post, params, args.batch_size,
-                                  policy.max_text_tokens, progress=True)
+            with active_adapter(model, adapter_name(c), merge):
+                frame = predict_frame(validation, model, tokenizer, post, params, args.batch_size,
+                                      policy.max_text_tokens, progress=True)
             predictions[c.name] = frame["rewrite_prompt"].tolist()
             remember(folder, key, c, predictions[c.name])
         else:
@@ -244,7 +264,7 @@ def main(args: SelectArguments) -> dict:
                "n_validation": len(validation), "validation_file": str(args.validation), "scorer": scorer.identity,
                "reason": ("no candidate beat SFT on validation: SFT shipped" if pick.kind == "sft" else
                           f"{pick.name} had the highest mean validation SCS"),
-               "seconds_per_candidate": round(float(np.mean(decoded or [0])), 1),
+               "seconds_per_candidate": round(float(np.mean(decoded or [0])), 1), "merged": merge,
                "reused_predictions": reused}
     out = ship(pick, model, args, summary)
     write_table(validation[["id", "rewrite_prompt"]].assign(**{f"pred_{n}": p for n, p in predictions.items()}),

@@ -130,9 +130,7 @@ class PipelineArguments:
 
         device = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
         if self.bf16 == "auto":
-            if not device:
-                return []
-            return device + ["--bf16", str(cpu_has_bf16()).lower()]
+            return device + ["--bf16", str(cpu_has_bf16()).lower()] if device else []
         return device + ["--bf16", self.bf16]
 
     def knob(self, name: str):

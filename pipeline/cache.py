@@ -14,13 +14,12 @@ and how long it took. On a re-run (:func:`decide`):
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from promptrec.tables import file_digest
+from promptrec.tables import file_digest, require_path, write_json
 
 RECORD = "stage.json"
 
@@ -56,8 +55,6 @@ def command_settings(script: str, argv: list[str], repo: Path, root: Path) -> di
     flags = parse_flags(argv)
     values: dict[str, str] = {"script": script}
     if "config" in flags:
-        from promptrec.tables import require_path
-
         recipe = Path(flags["config"]) if Path(flags["config"]).is_absolute() else repo / flags["config"]
         recipe = require_path(recipe, "file", hint=f"the recipe of {script}")
         loaded = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
@@ -118,10 +115,4 @@ def read_record(stage_dir: Path) -> dict | None:
 
 
 def write_record(stage_dir: Path, **record) -> None:
-    from promptrec.tables import write_json
-
     write_json(record, Path(stage_dir) / RECORD)
-
-
-def quote(cmd: list) -> str:
-    return shlex.join(map(str, cmd))

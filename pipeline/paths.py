@@ -55,7 +55,3 @@ class RunPaths:
     def raw_prediction(self, row: str, side: str = "test") -> Path:
         """The raw output (candidates and their scores) beside :meth:`prediction`."""
         return self.prediction(row, side).with_suffix(".raw.parquet")
-
-    @staticmethod
-    def adapter_files(run: Path) -> list[Path]:
-        return [Path(run) / name for name in ADAPTER_FILES]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from arguments import STAGES, PipelineArguments
-from cache import decide, input_digests, quote, read_record, write_record
+from cache import decide, input_digests, read_record, write_record
 from paths import RunPaths
 from stages import REPO, STAGE_TABLE, Job, Step
 
@@ -52,12 +53,12 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, cmd: list[str], returncode: int, tail: str, log: Path):
         self.stage = stage
         super().__init__(f"stage '{stage}' failed (exit {returncode}); finished stages are kept, fix it and "
-                         f"re-run.\n$ {quote(cmd)}\n--- last lines of {log}:\n{tail}")
+                         f"re-run.\n$ {shlex.join(map(str, cmd))}\n--- last lines of {log}:\n{tail}")
 
 
 def execute(stage: str, cmd: list[str], log: Path, tail_lines: int = 25) -> None:
     """Run ``cmd`` from the repository root, streaming its output (stdout and stderr) to ours and to ``log``."""
-    logger.info("$ %s", quote(cmd))
+    logger.info("$ %s", shlex.join(map(str, cmd)))
     tail = deque(maxlen=64)  # recent chunks, enough for the last lines
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc, \
             log.open("ab") as f:
@@ -89,9 +90,6 @@ class Runner:
         # the iterate stage runs the candidates/pairs/dpo scripts: their output belongs to its own log
         execute(self.current, cmd, self.paths.stage(self.current) / "log.txt")
 
-    def forced(self, stage: str) -> bool:
-        return stage in self.args.force or "all" in self.args.force
-
     def stage(self, number: int, stage) -> None:
         out = self.paths.stage(stage.name)
         steps = stage.steps(self.job)
@@ -99,8 +97,9 @@ class Runner:
         inputs = input_digests(stage.inputs(self.job), self.paths.root)
         upstream = tuple(s for s in self.ran if any(name.split("/")[0] == s for name in inputs))
         missing = tuple(str(p) for p in stage.outputs(self.job) if not p.exists())
-        decision = decide(read_record(out), settings, inputs, self.forced(stage.name), upstream,
-                          legacy_done=(out / "DONE").exists(), missing=missing)
+        forced = stage.name in self.args.force or "all" in self.args.force
+        decision = decide(read_record(out), settings, inputs, forced, upstream, legacy_done=(out / "DONE").exists(),
+                          missing=missing)
         banner = f"\n=== [{number}/{len(STAGES)}] {stage.name}"
         self.log[stage.name] = decision.action
         if decision.action == "skip":

@@ -28,6 +28,7 @@ import numpy as np
 from comparison import comparison_predictions, paired, row_groups  # pipeline/comparison.py, beside this script
 
 from promptrec.cli import parse_args, run_main, setup_logging
+from promptrec.scoring import Scorer
 from promptrec.tables import DataError, write_json
 
 
@@ -172,8 +173,6 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(args: SeedArguments) -> list[dict]:
-    from promptrec.scoring import Scorer
-
     per_run, groups = run_scores(args.runs, Scorer(args.scorer), args.methods, args.baseline)
     results = compare(args, per_run, groups)
     if not results:

@@ -9,6 +9,7 @@ leaves ``DONE`` there, so a stage interrupted half-way resumes at the step it wa
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -16,14 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from arguments import PipelineArguments  # pipeline/arguments.py, beside this script
-from cache import command_settings
-from paths import RunPaths
+from cache import command_settings, read_record
+from comparison import build_report
+from paths import ADAPTER_FILES, RunPaths
 
 from promptrec.corpus import REFERENCE, reference_triplets_path
+from promptrec.postprocess import PostprocessConfig
 from promptrec.rerank import ROWS as REWARD_ROWS
-from promptrec.run_config import data_licence
-from promptrec.tables import DataError, write_json, write_table
+from promptrec.rerank import rerank_rows as picked
+from promptrec.rerank import validation_choice
+from promptrec.run_config import SPLIT_ROWS, data_licence
+from promptrec.scoring import Scorer
+from promptrec.splits import three_way_split, with_prompt_clusters
+from promptrec.tables import DataError, read_table, write_json, write_table
 from promptrec.triplets import read_triplets
 
 logger = logging.getLogger("pipeline")
@@ -98,19 +106,15 @@ def rewrite(job: Job) -> list[Step]:
 
 def rewrite_inputs(job: Job) -> list[Path]:
     a = job.args
-    if a.triplets and not a.generate:
-        return [Path(reference_triplets_path()) if a.triplets == REFERENCE
-                else Path(a.triplets)] if not a.triplets.startswith("hf:") else []
-    return []
+    if not a.triplets or a.generate or a.triplets.startswith("hf:"):
+        return []
+    return [Path(reference_triplets_path() if a.triplets == REFERENCE else a.triplets)]
 
 
 def split(job: Job) -> list[Step]:
     a, p = job.args, job.paths
 
     def run():
-        from promptrec.scoring import Scorer
-        from promptrec.splits import three_way_split, with_prompt_clusters
-
         df, _ = read_triplets(str(p.triplets))
         if a.split_by == "cluster":
             df = with_prompt_clusters(df, Scorer(a.scorer).encode, a.cluster_threshold)
@@ -228,21 +232,17 @@ def iterate(job: Job) -> list[Step]:
     reference = p.sft if job.args.dpo_reference == "sft" else None
     for r in range(2, job.args.dpo_rounds + 1):
         rd = p.round(r)
-        steps.append(Step(f"round{r}/triplets", {"round": str(r)}, lambda r=r: fresh_triplets(job, r),
-                          rd / "triplets"))
-        steps.append(candidates_step(job, rd / "candidates", previous, rd / "triplets.parquet",
-                                     f"round{r}/candidates"))
-        steps.append(pairs_step(job, rd / "pairs", rd / "candidates", f"round{r}/pairs"))
-        steps.append(dpo_step(job, rd / "dpo", previous, rd / "pairs", f"round{r}/dpo", reference))
-        steps.append(select_step(job, rd / "dpo", previous, f"round{r}/select"))
+        steps += [Step(f"round{r}/triplets", {"round": str(r)}, lambda r=r: fresh_triplets(job, r), rd / "triplets"),
+                  candidates_step(job, rd / "candidates", previous, rd / "triplets.parquet", f"round{r}/candidates"),
+                  pairs_step(job, rd / "pairs", rd / "candidates", f"round{r}/pairs"),
+                  dpo_step(job, rd / "dpo", previous, rd / "pairs", f"round{r}/dpo", reference),
+                  select_step(job, rd / "dpo", previous, f"round{r}/select")]
         previous = p.selected(rd / "dpo")
     return steps
 
 
 def fresh_triplets(job: Job, r: int) -> None:
     """Round ``r``'s triplets: the train triplets that no earlier round's candidates used."""
-    import pandas as pd
-
     p = job.paths
     train = pd.read_parquet(p.train)
     used_by = [p.candidates, *(p.round(k) / "candidates" for k in range(2, r))]
@@ -259,12 +259,9 @@ PO_STAGES = ("candidates", "pairs", "dpo", "iterate")  # the preference-optimisa
 def po_seconds(job: Job) -> float | None:
     """Wall time of the DPO arm (sampling, pairing, training and selection of every round), from the stage records;
     None while one of them has not finished."""
-    import json
-
     total = 0.0
     for name in PO_STAGES:
-        record = job.paths.stage(name) / "stage.json"
-        data = json.loads(record.read_text()) if record.is_file() else {}
+        data = read_record(job.paths.stage(name)) or {}
         if data.get("status") != "done" or data.get("seconds") is None:
             return None
         total += float(data["seconds"])
@@ -291,8 +288,6 @@ def control(job: Job) -> list[Step]:
     exclude = p.control / "po_rows.parquet"
 
     def used():
-        import pandas as pd
-
         write_table(pd.concat([pd.read_parquet(f)[["id"]] for f in po_rows(job)]), exclude)
 
     expected = max(1, int(seconds / pace))  # steps the time allows at SFT's pace; max_steps (10x) only bounds it
@@ -312,8 +307,6 @@ def control(job: Job) -> list[Step]:
 def sft_seconds_per_step(job: Job) -> float | None:
     """SFT's training seconds per optimizer step (its metrics.json): the pace the control's checkpoints follow;
     None before SFT ran."""
-    import json
-
     metrics = job.paths.sft / "metrics.json"
     if not metrics.is_file():
         return None
@@ -373,16 +366,6 @@ def rerank_rows(job: Job) -> None:
     """The rows RM rerank, RM + MBR and oracle, picked from the MBR decode's recorded scores (promptrec/rerank.py):
     the hybrid's weight is chosen on the validation decode, then every rule picks among the test rows' candidates,
     post-processed as the MBR row was (its ``predict/mbr.config.json``)."""
-    import json
-
-    import pandas as pd
-
-    from promptrec.postprocess import PostprocessConfig
-    from promptrec.rerank import rerank_rows as picked
-    from promptrec.rerank import validation_choice
-    from promptrec.scoring import Scorer
-    from promptrec.tables import read_table
-
     p, scorer = job.paths, Scorer(job.args.scorer)
     recorded = json.loads(p.prediction("mbr").with_suffix(".config.json").read_text())
     post = PostprocessConfig(**recorded["postprocess"])  # as the MBR row was finalised (--extra 'predict:…' too)
@@ -401,15 +384,13 @@ def rerank_rows(job: Job) -> None:
 
 
 def report(job: Job) -> list[Step]:
-    from comparison import build_report  # pipeline/comparison.py
-
     return [Step("", {"scorer": job.args.scorer}, lambda: build_report(job.paths.root, job.args.scorer,
                                                                        out_dir=job.paths.root))]
 
 
 # ------------------------------------------------------------------------------------------------- what they read
-def _adapter(job: Job, run: Path) -> list[Path]:
-    return job.paths.adapter_files(run)
+def _adapter(run: Path) -> list[Path]:
+    return [Path(run) / name for name in ADAPTER_FILES]
 
 
 def _predictions(job: Job) -> list[Path]:
@@ -421,8 +402,7 @@ def _predictions(job: Job) -> list[Path]:
 
 def _reward_model(job: Job) -> list[Path]:
     rm = job.paths.reward_model  # a reward model has no SFT rows (split.parquet) to carry on
-    names = ("adapter_model.safetensors", "adapter_config.json", "run_config.json")
-    return [rm / n for n in names] if job.args.reward_recipe else []
+    return [rm / n for n in ADAPTER_FILES if n != SPLIT_ROWS] if job.args.reward_recipe else []
 
 
 STAGE_TABLE = (
@@ -430,8 +410,8 @@ STAGE_TABLE = (
     Stage("split", lambda j: [j.paths.triplets], split,
           lambda j: [j.paths.train, j.paths.validation, j.paths.heldout, j.paths.test_csv]),
     Stage("mean_prompt", lambda j: [j.paths.train], mean_prompt, lambda j: [j.paths.mean_prompt]),
-    Stage("sft", lambda j: [j.paths.train], sft, lambda j: _adapter(j, j.paths.sft)),
-    Stage("candidates", lambda j: [j.paths.train, j.paths.mean_prompt, *_adapter(j, j.paths.sft)],
+    Stage("sft", lambda j: [j.paths.train], sft, lambda j: _adapter(j.paths.sft)),
+    Stage("candidates", lambda j: [j.paths.train, j.paths.mean_prompt, *_adapter(j.paths.sft)],
           lambda j: [candidates_step(j, j.paths.candidates, j.paths.sft, j.paths.train)],
           lambda j: [j.paths.candidates / "candidates.parquet", j.paths.candidates / "triplets.parquet"]),
     Stage("pairs", lambda j: [j.paths.candidates / "candidates.parquet"],
@@ -439,21 +419,20 @@ STAGE_TABLE = (
           lambda j: [j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl"]),
     Stage("reward", lambda j: [j.paths.candidates / "candidates.parquet"] if j.args.reward_recipe else [], reward,
           _reward_model),
-    Stage("dpo", lambda j: [*_adapter(j, j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl",
+    Stage("dpo", lambda j: [*_adapter(j.paths.sft), j.paths.pairs / "train.jsonl", j.paths.pairs / "eval.jsonl",
                             j.paths.validation, j.paths.mean_prompt], dpo,
-          lambda j: _adapter(j, j.paths.selected(j.paths.dpo))),
+          lambda j: _adapter(j.paths.selected(j.paths.dpo))),
     Stage("iterate", lambda j: [j.paths.train, j.paths.validation, j.paths.mean_prompt,
                                 j.paths.candidates / "triplets.parquet",
-                                *_adapter(j, j.paths.selected(j.paths.dpo))] if j.args.dpo_rounds > 1 else [], iterate,
-          lambda j: _adapter(j, j.paths.last_dpo(j.args.dpo_rounds)) if j.args.dpo_rounds > 1 else []),
-    Stage("control", lambda j: [j.paths.train, j.paths.validation, j.paths.mean_prompt, *_adapter(j, j.paths.sft),
-                                *po_rows(j)]
-          if j.args.control else [], control,
-          lambda j: _adapter(j, j.paths.selected(j.paths.control)) if j.args.control else []),
-    Stage("grpo", lambda j: _adapter(j, j.paths.sft) if j.args.grpo_recipe else [], grpo,
-          lambda j: _adapter(j, j.paths.grpo) if j.args.grpo_recipe else []),
+                                *_adapter(j.paths.selected(j.paths.dpo))] if j.args.dpo_rounds > 1 else [], iterate,
+          lambda j: _adapter(j.paths.last_dpo(j.args.dpo_rounds)) if j.args.dpo_rounds > 1 else []),
+    Stage("control", lambda j: [j.paths.train, j.paths.validation, j.paths.mean_prompt, *_adapter(j.paths.sft),
+                                *po_rows(j)] if j.args.control else [], control,
+          lambda j: _adapter(j.paths.selected(j.paths.control)) if j.args.control else []),
+    Stage("grpo", lambda j: _adapter(j.paths.sft) if j.args.grpo_recipe else [], grpo,
+          lambda j: _adapter(j.paths.grpo) if j.args.grpo_recipe else []),
     Stage("predict", lambda j: [j.paths.test_csv, j.paths.mean_prompt, *(
-        f for a in predicted_adapters(j).values() if a for f in _adapter(j, a)), *_reward_model(j),
+        f for a in predicted_adapters(j).values() if a for f in _adapter(a)), *_reward_model(j),
         *([j.paths.validation, j.paths.truth_csv] if j.args.reward_recipe else [])], predict,
         lambda j: [*_predictions(j), j.paths.predicted_rows, *([j.paths.rerank] if j.args.reward_recipe else [])]),
     Stage("report", lambda j: [j.paths.heldout, j.paths.mean_prompt, j.paths.predicted_rows, *_predictions(j),

@@ -13,7 +13,8 @@ candidate listed first, and :func:`grid` lists SFT first, then the start adapter
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -100,3 +101,31 @@ def interpolate(model, anchor: str, target: str, alpha: float, name: str) -> str
                              "of such an adapter is not B·A alone); select without interpolations (--alphas '')")
     model.add_weighted_adapter([anchor, target], [1.0 - alpha, alpha], name, combination_type="cat")
     return name
+
+
+@contextmanager
+def active_adapter(model, name: str, merge: bool = False) -> Iterator[None]:
+    """Make ``name`` the PEFT ``model``'s active adapter for the block; with ``merge``, also fold its update into the
+    base weights (``merge_adapter``: the forward pass skips the LoRA matmuls, which a CPU decode pays for, twice over
+    for an interpolation's rank-2r adapter). Afterwards it is folded out (``unmerge_adapter``) and the base weights
+    are put back from a copy taken before, bit for bit: ``W + ΔW − ΔW`` is not ``W`` in floating point, and a later
+    candidate's answers must not depend on which ones were decoded before it. The copy costs the adapted layers'
+    weights once more in memory. Only for an unquantised base (:func:`promptrec.policy.should_merge`)."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model.set_adapter(name)
+    if not merge:
+        yield
+        return
+    bases = [m.get_base_layer() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [{k: t.detach().clone() for k, t in base.named_parameters(recurse=False)} for base in bases]
+    model.merge_adapter([name])
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for base, tensors in zip(bases, saved):
+                for k, t in tensors.items():
+                    getattr(base, k).copy_(t)

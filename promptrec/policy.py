@@ -49,12 +49,6 @@ class Policy:
         return {"model": self.model, "adapter": self.adapter, "max_text_tokens": self.max_text_tokens,
                 "load_in_4bit": self.load_in_4bit}
 
-    def load_kwargs(self) -> dict:
-        """The keyword arguments of :func:`promptrec.models.load_model` that load the base as this policy says."""
-        return {"adapter": self.adapter, "load_in_4bit": self.load_in_4bit, "load_in_8bit": self.load_in_8bit,
-                "quant_type": self.quant_type, "double_quant": self.double_quant, "quant_storage": self.quant_storage,
-                "revision": self.revision, "attn_implementation": self.attn_implementation}
-
 
 class PolicyFlags(Protocol):
     """What an entry script's arguments say about the policy (predict's; candidates' name them policy*)."""
@@ -114,18 +108,43 @@ def resolve_policy(model: str | None = None, adapter: str | None = None, max_tex
     # flash_attention_2 run must load on a T4 or a CPU, and every kernel computes the same attention)
 
 
-def load_policy(policy: Policy, dtype: str = "auto", device_map=None):
-    """``(model, tokenizer)`` of ``policy``, the model in eval mode."""
+MERGE_CHOICES = ("auto", "true", "false")
+MERGE_HELP = ("Fold the LoRA update into the base weights before decoding (PEFT merge): the same model without the "
+              "LoRA matmuls, so faster where they cost (a CPU). 'auto': when the base is not quantised (merging into "
+              "4/8-bit weights re-quantises them); 'true': the same, an error on a quantised base; 'false': keep the "
+              "LoRA layers. Greedy answers may differ from unmerged ones by float rounding on near-ties.")
+
+
+def should_merge(policy: Policy, merge: str | bool) -> bool:
+    """Whether ``policy``'s adapter is merged into its base for decoding, (``--merge_adapter``, :data:`MERGE_HELP`)."""
+    merge = str(merge).lower()
+    if merge not in MERGE_CHOICES:
+        raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {merge!r}")
+    quantised = bool(policy.load_in_4bit or policy.load_in_8bit)
+    if merge == "true" and quantised:
+        raise ValueError("--merge_adapter true needs an unquantised base: merging into 4/8-bit weights re-quantises "
+                         "them (use auto or false)")
+    return bool(policy.adapter) and merge != "false" and not quantised
+
+
+def load_policy(policy: Policy, dtype: str = "auto", device_map=None, merge: bool = False):
+    """``(model, tokenizer)`` of ``policy``, the model in eval mode; with ``merge`` (see :func:`should_merge`) the
+    adapter is folded into the base (``merge_and_unload``) and a plain model comes back."""
     tokenizer = load_tokenizer(policy.tokenizer_source)
-    logger.info("Loading %s%s (%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
-                "4-bit" if policy.load_in_4bit else dtype)
-    model = load_model(policy.model, dtype=dtype, device_map=device_map, **policy.load_kwargs())
+    logger.info("Loading %s%s (%s%s)", policy.model, f" + adapter {policy.adapter}" if policy.adapter else "",
+                "4-bit" if policy.load_in_4bit else dtype, ", merged" if merge and policy.adapter else "")
+    model = load_model(policy.model, adapter=policy.adapter, dtype=dtype, device_map=device_map,
+                       load_in_4bit=policy.load_in_4bit, load_in_8bit=policy.load_in_8bit, revision=policy.revision,
+                       quant_type=policy.quant_type, double_quant=policy.double_quant,
+                       quant_storage=policy.quant_storage, attn_implementation=policy.attn_implementation)
+    if merge and policy.adapter:
+        model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
 
 def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dtype: str = "auto",
-                 batch_size: int | None = None, use_cpu: bool = False):
+                 batch_size: int | None = None, use_cpu: bool = False, merge: bool = False):
     """``(tokenizer, batches)`` of ``policy`` (the rewrite step's generator or the candidate sampler), where
     ``batches(conversations, desc)`` yields ``(indices, outputs)`` per batch: HF generate, or vLLM (no adapter).
     ``dtype`` is resolved by :func:`promptrec.models.generation_dtype` (``auto_bf16``: bf16 on a bf16 CPU)."""
@@ -134,5 +153,5 @@ def load_sampler(policy: Policy, params: SamplingParams, backend: str = "hf", dt
 
         tokenizer = load_tokenizer(policy.tokenizer_source)
         return tokenizer, vllm_batches(policy.model, tokenizer, params)
-    model, tokenizer = load_policy(policy, generation_dtype(dtype), device_map="cpu" if use_cpu else None)
+    model, tokenizer = load_policy(policy, generation_dtype(dtype), device_map="cpu" if use_cpu else None, merge=merge)
     return tokenizer, lambda convs, desc: iter_generate(model, tokenizer, convs, params, batch_size, desc=desc)

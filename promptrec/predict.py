@@ -25,7 +25,15 @@ import torch
 from promptrec.environment import describe_environment, model_dtype
 from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
-from promptrec.policy import DEFAULT_MAX_TEXT_TOKENS, Policy, load_policy, policy_of
+from promptrec.policy import (
+    DEFAULT_MAX_TEXT_TOKENS,
+    MERGE_CHOICES,
+    MERGE_HELP,
+    Policy,
+    load_policy,
+    policy_of,
+    should_merge,
+)
 from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
 from promptrec.run_config import override_field
 from promptrec.scoring import Scorer, ScorerArguments
@@ -71,6 +79,7 @@ class PredictArguments(ScorerArguments):
         "help": "Compute dtype: auto (bf16/fp16 on a GPU, fp32 on a CPU), auto_bf16 (bf16 on a CPU with bf16 "
                 "instructions: ~1.8x the rows/s there, -0.0065 SCS measured; docs/fast_cpu_path.md), bfloat16, "
                 "float16 or float32."})
+    merge_adapter: str = field(default="false", metadata={"help": MERGE_HELP})
     batch_size: int = field(default_factory=default_batch_size, metadata={
         "help": "Rows per generate() call (length-sorted batches). Default: 32 on a CPU, 8 on a GPU."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest prediction in tokens."})
@@ -123,6 +132,8 @@ class PredictArguments(ScorerArguments):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError("max_text_tokens must be >= 1")
+        if self.merge_adapter not in MERGE_CHOICES:
+            raise ValueError(f"merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
         if self.kv_cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_cache must be auto, static or dynamic, not {self.kv_cache!r}")
         if self.selection not in SELECTIONS:
@@ -261,9 +272,11 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         scorer = args.build()  # loads lazily; resolving the name first fails fast on a bad one
     if args.reward_model and reward_model is None:
         reward_model = load_rewarder(args.reward_model, args.dtype, args.reward_base, args.allow_config_override)
+    merged = False  # a model passed in is used as it is
     if model is None:
         policy = policy_of(args)
-        model, tokenizer = load_policy(policy, generation_dtype(args.dtype))
+        merged = should_merge(policy, args.merge_adapter)
+        model, tokenizer = load_policy(policy, generation_dtype(args.dtype), merge=merged)
         resolved = policy.summary()
     else:
         resolved = Policy(args.model, args.adapter, args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, None).summary()
@@ -281,8 +294,8 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         extra = [c for c in CANDIDATE_COLUMNS if c in result]
         write_table(result[["id", "raw_prediction", *extra, "rewrite_prompt"]], args.raw_output)
     n_fallback = int(result["fallback"].sum())  # the model's answer unusable: the mean prompt stood in
-    write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "selection": selection,
-                "rows": len(test), "rows_without_text": n_bad, "fallbacks": n_fallback,
+    write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "merged_adapter": merged,
+                "selection": selection, "rows": len(test), "rows_without_text": n_bad, "fallbacks": n_fallback,
                 "seconds": round(time.time() - start, 2),
                 "environment": describe_environment(generation_dtype=model_dtype(model))},
                output.with_name(f"{output.stem}.config.json"))

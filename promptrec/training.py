@@ -32,14 +32,16 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig
 
 from promptrec.cli import asdict_all
 from promptrec.environment import describe_environment
-from promptrec.generation import default_batch_size
+from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.model_card import write_model_card
 from promptrec.models import hub_id, load_model, model_shape, parse_dtype
 from promptrec.plots import figure
+from promptrec.resumable import shard_items
 from promptrec.run_config import (
     INHERITED,
     RUN_CONFIG,
@@ -327,9 +329,6 @@ def predict_prompts(model, tokenizer, df: pd.DataFrame, eval_args: EvalArguments
     """Greedy recovered prompt of each triplet; rows are sharded over processes and gathered on every rank."""
     from accelerate.utils import gather_object
 
-    from promptrec.generation import SamplingParams, generate
-    from promptrec.resumable import shard_items
-
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = shard_items(list(range(len(df))), rank, world)
     conversations = [recovery_messages(df["original_text"].iloc[i], df["rewritten_text"].iloc[i], tokenizer,
@@ -425,8 +424,6 @@ def _on_any_rank(flag: bool, args) -> bool:
 def resolve_resume(training_args) -> str | None:
     """``resume_from_checkpoint``: a checkpoint dir, or ``last``/``true`` = the newest in ``output_dir`` (None when
     there is none yet, so the same command starts or continues a run)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", ""):
         return None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from stage_helpers import load_script, make_sft_run
 
-from promptrec.po_select import SFT, choose, grid, interpolate, selection_table
+from promptrec.po_select import SFT, active_adapter, choose, grid, interpolate, selection_table
 from promptrec.splits import CLUSTER_COLUMN, split_frame, three_way_split
 
 
@@ -95,6 +95,31 @@ def test_interpolation_endpoints_reproduce_sft_and_the_adapter_and_mix_the_updat
         interpolate(model, "default", "po", 0.5, "rs")
 
 
+def test_a_merged_candidate_decodes_as_its_lora_layers_and_leaves_the_base_as_it_was(two_runs):
+    """select_adapter --merge_adapter: each candidate (an interpolation too) is folded into the base for its decode and
+    folded out after it, so every later candidate starts from the very base."""
+    from promptrec.models import load_model
+
+    sft, po = two_runs
+    model = load_model("embedded", dtype="float32", adapter=str(sft))
+    model.load_adapter(str(po), adapter_name="po")
+    interpolate(model, "default", "po", 0.5, "mix")
+    model.eval()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[1, 42, 7, 99, 5, 300]])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    for name in ("default", "po", "mix"):
+        with active_adapter(model, name), torch.no_grad():
+            want = model(input_ids=ids).logits
+        with active_adapter(model, name, merge=True), torch.no_grad():
+            assert layer.merged and layer.merged_adapters == [name]
+            got = model(input_ids=ids).logits
+        assert not layer.merged
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in base.items())  # restored bit for bit, not merely close
+
+
 # ------------------------------------------------------------------------------------- dpo/select_adapter.py
 def test_select_scores_every_candidate_on_validation_and_ships_the_pick(two_runs, tmp_path):
     from safetensors.torch import load_file
@@ -174,3 +199,24 @@ def test_a_shipped_interpolation_loads_as_the_mixed_update(two_runs, tmp_path, m
     layer = both.base_model.model.model.layers[1].mlp.down_proj
     want = 0.75 * layer.get_delta_weight("default") + 0.25 * layer.get_delta_weight("po")
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the policy loads in 4-bit, which is never merged")
+def test_a_merged_selection_keeps_its_own_cache_entries(two_runs, tmp_path):
+    """Merged decodes may differ from unmerged ones by float rounding: they never reuse, nor overwrite, the
+    unmerged predictions a seed's earlier selections cached."""
+    from promptrec.cli import parse_args
+
+    sft, po = two_runs
+    validation = pd.read_json(sft.parent / "triplets.jsonl", lines=True).head(2)
+    validation.to_parquet(tmp_path / "validation.parquet")
+    module = load_script("dpo/select_adapter.py")
+    argv = ["--sft_adapter", str(sft), "--po_run", str(po), "--validation", str(tmp_path / "validation.parquet"),
+            "--output_dir", str(tmp_path / "selected"), "--alphas", "", "--checkpoints", "false",
+            "--max_new_tokens", "4", "--scorer", "embedded", "--prediction_cache", str(tmp_path / "cache")]
+    plain = module.main(parse_args(module.SelectArguments, args=argv)[0])
+    merged = module.main(parse_args(module.SelectArguments, args=[*argv, "--merge_adapter", "true"])[0])
+    assert plain["merged"] is False and merged["merged"] is True and merged["reused_predictions"] == []
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 4  # two candidates, each decoded both ways
+    again = module.main(parse_args(module.SelectArguments, args=argv)[0])
+    assert sorted(again["reused_predictions"]) == sorted(r["name"] for r in plain["validation"])

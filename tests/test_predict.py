@@ -232,6 +232,7 @@ def test_cli_without_adapter_end_to_end(tmp_path, test_csv, embedded_model_dir):
     assert list(raw.columns) == ["id", "raw_prediction", "rewrite_prompt"] and raw["raw_prediction"].str.len().all()
     config = json.loads((tmp_path / "sub.config.json").read_text())
     assert config["resolved"] == {"model": "embedded", "adapter": None, "max_text_tokens": 16, "load_in_4bit": False}
+    assert config["merged_adapter"] is False  # no adapter: nothing to merge, whatever --merge_adapter says
     assert config["postprocess"]["mean_prompt"] == MEAN
 
 
@@ -426,6 +427,45 @@ def test_load_policy_applies_the_adapter_and_its_run_config(adapter_dir, embedde
     ids = embedded_tokenizer("Rewrite this as a poem.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, embedded_model(ids).logits, atol=1e-4)
+
+
+def test_a_merged_policy_computes_what_its_lora_layers_compute(adapter_dir, embedded_model, embedded_tokenizer):
+    """--merge_adapter folds the update into the base: a plain model (no LoRA layers left) with the adapter's logits,
+    not the base's; only where the base is unquantised."""
+    from peft import PeftModel
+
+    from promptrec.policy import should_merge
+
+    policy = resolve_policy(adapter=str(adapter_dir), load_in_4bit=False)
+    assert [should_merge(policy, m) for m in ("auto", "true", "false")] == [True, True, False]
+    assert not should_merge(replace(policy, adapter=None), "auto")  # nothing to merge
+    quantised = replace(policy, load_in_4bit=True)
+    assert not should_merge(quantised, "auto")  # merging would re-quantise: the adapter stays separate
+    with pytest.raises(ValueError, match="unquantised"):
+        should_merge(quantised, "true")
+    with pytest.raises(ValueError, match="auto, true, false"):
+        should_merge(policy, "yes")
+    with pytest.raises(ValueError, match="merge_adapter must be one of"):
+        PredictArguments(merge_adapter="yes")  # a bad value fails with the arguments, before any model loads
+
+    lora, _ = load_policy(policy)
+    merged, _ = load_policy(policy, merge=True)
+    assert isinstance(lora, PeftModel) and not isinstance(merged, PeftModel)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    ids = embedded_tokenizer("Rewrite this as a poem.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want, got = lora(ids).logits, merged(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got, embedded_model(ids).logits, atol=1e-3)
+
+
+def test_cli_records_whether_the_adapter_was_merged(tmp_path, test_csv, adapter_dir):
+    out = tmp_path / "submission.csv"
+    predict_file(PredictArguments(input=str(test_csv), output=str(out), adapter=str(adapter_dir), max_new_tokens=4,
+                                  merge_adapter="auto", load_in_4bit=False, progress=False))
+    config = json.loads(out.with_name("submission.config.json").read_text())
+    assert config["merged_adapter"] is True and config["args"]["merge_adapter"] == "auto"
+    check_submission(out, ["b", "a"])
 
 
 def test_truncated_adapter_is_a_one_line_error(tmp_path, test_csv, adapter_dir):
