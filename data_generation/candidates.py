@@ -26,7 +26,7 @@ from promptrec import corpus
 from promptrec.cli import parse_args, run_main, setup_logging
 from promptrec.generation import SamplingParams
 from promptrec.pairs import TRUE_SOURCE, select_negatives, stable_seed
-from promptrec.policy import MERGE_CHOICES, MERGE_HELP, load_sampler, policy_of, should_merge
+from promptrec.policy import MERGE_HELP, check_merge_choice, load_sampler, policy_of, should_merge
 from promptrec.postprocess import DEFAULT_MEAN_PROMPT, clean_prediction, resolve_mean_prompt
 from promptrec.resumable import gather_parts, run_share, write_manifest
 from promptrec.run_config import override_field
@@ -101,8 +101,7 @@ class CandidateArguments(ScorerArguments):
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
             raise ValueError(f"sources must be some of {SOURCES}, not {self.sources}")
-        if self.merge_adapter not in MERGE_CHOICES:
-            raise ValueError(f"merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
+        check_merge_choice(self.merge_adapter)
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"backend must be hf or vllm, not {self.backend!r}")
         if self.backend == "vllm" and self.policy_adapter:

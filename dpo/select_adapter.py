@@ -47,7 +47,7 @@ from promptrec.po_select import (
     interpolate,
     selection_table,
 )
-from promptrec.policy import MERGE_CHOICES, MERGE_HELP, load_policy, resolve_policy, should_merge
+from promptrec.policy import MERGE_HELP, check_merge_choice, load_policy, resolve_policy, should_merge
 from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
 from promptrec.predict import predict_frame
 from promptrec.run_config import RUN_CONFIG, read_run_config
@@ -94,8 +94,7 @@ class SelectArguments(ScorerArguments):
                 "select_cache/ beside --sft_adapter (shared by every round and the control); 'none': off."})
 
     def __post_init__(self):
-        if self.merge_adapter not in MERGE_CHOICES:
-            raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
+        check_merge_choice(self.merge_adapter)
 
     def weights(self) -> list[float]:
         try:

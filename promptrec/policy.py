@@ -115,11 +115,16 @@ MERGE_HELP = ("Fold the LoRA update into the base weights before decoding (PEFT 
               "LoRA layers. Greedy answers may differ from unmerged ones by float rounding on near-ties.")
 
 
+def check_merge_choice(value: str) -> str:
+    """``value`` if it is a ``--merge_adapter`` choice, else the one-line error every entry script gives."""
+    if value not in MERGE_CHOICES:
+        raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {value!r}")
+    return value
+
+
 def should_merge(policy: Policy, merge: str | bool) -> bool:
     """Whether ``policy``'s adapter is merged into its base for decoding, (``--merge_adapter``, :data:`MERGE_HELP`)."""
-    merge = str(merge).lower()
-    if merge not in MERGE_CHOICES:
-        raise ValueError(f"--merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {merge!r}")
+    merge = check_merge_choice(str(merge).lower())
     quantised = bool(policy.load_in_4bit or policy.load_in_8bit)
     if merge == "true" and quantised:
         raise ValueError("--merge_adapter true needs an unquantised base: merging into 4/8-bit weights re-quantises "

@@ -27,9 +27,9 @@ from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
 from promptrec.policy import (
     DEFAULT_MAX_TEXT_TOKENS,
-    MERGE_CHOICES,
     MERGE_HELP,
     Policy,
+    check_merge_choice,
     load_policy,
     policy_of,
     should_merge,
@@ -132,8 +132,7 @@ class PredictArguments(ScorerArguments):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError("max_text_tokens must be >= 1")
-        if self.merge_adapter not in MERGE_CHOICES:
-            raise ValueError(f"merge_adapter must be one of {', '.join(MERGE_CHOICES)}, not {self.merge_adapter!r}")
+        check_merge_choice(self.merge_adapter)
         if self.kv_cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_cache must be auto, static or dynamic, not {self.kv_cache!r}")
         if self.selection not in SELECTIONS:
