@@ -340,7 +340,8 @@ def predict(job: Job) -> list[Step]:
         # an adapter brings its base model and text budget (run_config.json); the base alone is told them
         policy = ["--adapter", adapter] if adapter else ["--model", a.model, "--max_text_tokens", a.max_text_tokens]
         steps.append(job.script("predict", "inference/predict.py", *policy, "--input", p.test_csv, "--output",
-                                p.prediction(row), *mean, name=row, out=p.predict / row))
+                                p.prediction(row), *mean, "--prediction_cache", p.predict_cache, name=row,
+                                out=p.predict / row))
         rows[row] = {"adapter": str(adapter) if adapter else None, "selection": "greedy"}
     if a.mbr_candidates:
         last, greedy = p.last_dpo(a.dpo_rounds), "iterate" if a.dpo_rounds > 1 else "dpo"
