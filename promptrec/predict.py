@@ -23,8 +23,9 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from promptrec import generation, templates
-from promptrec.environment import describe_environment, model_dtype
+from promptrec import generation, models, templates
+from promptrec import policy as policy_module
+from promptrec.environment import cpu_model, describe_environment, library_versions, model_dtype
 from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
 from promptrec.policy import (
@@ -37,7 +38,7 @@ from promptrec.policy import (
     should_merge,
 )
 from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
-from promptrec.prediction_cache import adapter_digest, cache_key, cached, model_files, remember
+from promptrec.prediction_cache import adapter_digest, cache_key, cached, model_files, remember, tokenizer_digests
 from promptrec.run_config import override_field
 from promptrec.scoring import Scorer, ScorerArguments
 from promptrec.selection import CANDIDATE_SELECTIONS, Rewarder, SelectionRule, mbr_frame, mbr_pick_counts
@@ -132,7 +133,7 @@ class PredictArguments(ScorerArguments):
         "help": "Folder of greedy answers keyed by the adapter's bytes, the input rows and every setting that decides "
                 "the decode (promptrec/prediction_cache.py): a policy decoded before on the same rows with the same "
                 "settings is neither loaded nor decoded again (post-processing still runs). Greedy selection only; "
-                "default: off."})
+                "default (or 'none'): off."})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -267,15 +268,13 @@ def greedy_cache_key(args: PredictArguments, policy: Policy, merged: bool) -> st
     adapter = adapter_digest(policy.adapter) if policy.adapter else None
     if policy.adapter and adapter is None:
         return None  # no weights file: loading fails with its own error
-    tokenizer = {name: file_digest(Path(policy.tokenizer_source) / name)
-                 for name in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja")}
-    code = {m.__name__: file_digest(m.__file__) for m in (generation, templates)}
     settings = {"input": file_digest(args.input), "nan_texts": args.nan_texts,
                 "policy": {**asdict(policy), "adapter": None}, "base_files": model_files(policy.model),
-                "tokenizer": tokenizer,
-                "dtype": str(generation_dtype(args.dtype)), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "tokenizer": tokenizer_digests(policy.tokenizer_source), "dtype": str(generation_dtype(args.dtype)),
                 "batch": args.batch_size, "tokens": args.max_new_tokens, "kv_cache": args.kv_cache, "merged": merged,
-                "code": code}
+                "code": {m.__name__: file_digest(m.__file__) for m in (generation, templates, models, policy_module)},
+                "machine": {"cpu": cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                            else None, **library_versions()}}
     return cache_key(adapter, settings)
 
 
@@ -315,7 +314,7 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         policy = policy_of(args)
         merged = should_merge(policy, args.merge_adapter)
         resolved = policy.summary()
-        key = greedy_cache_key(args, policy, merged) if args.prediction_cache else None
+        key = greedy_cache_key(args, policy, merged) if args.prediction_cache not in (None, "", "none") else None
         raw = cached(args.prediction_cache, key, len(test))
         if raw is None:
             model, tokenizer = load_policy(policy, generation_dtype(args.dtype), merge=merged)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from promptrec.models import EMBEDDED_ALIASES, embedded_model_dir
-from promptrec.tables import file_digest, write_json
+from promptrec.tables import file_digest
 
 ADAPTER_KEY_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -36,6 +38,18 @@ def model_files(model: str) -> dict[str, list[int]]:
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()}
 
 
+def tokenizer_digests(source: str | Path) -> dict[str, str]:
+    """Digests of the tokenizer files in ``source`` (an adapter's saved tokenizer: its chat template, special and
+    added tokens); ``{}`` for a hub id (the base's identity covers it)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return {}
+    names = [f for f in sorted(folder.iterdir()) if f.is_file() and (
+        f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json",
+                                                     "chat_template.jinja", "chat_template.json"))]
+    return {f.name: file_digest(f) for f in names}
+
+
 def cache_key(adapter: list[str] | None, settings: dict) -> str:
     """The entry's name: a digest of the adapter's digests (None: a base model alone) and ``settings``."""
     text = json.dumps({"adapter": adapter, **settings}, sort_keys=True, default=str)
@@ -47,12 +61,20 @@ def cached(folder: Path | None, key: str | None, n_rows: int) -> list[str] | Non
     path = Path(folder) / f"{key}.json" if folder and key else None
     if path is None or not path.is_file():
         return None
-    predictions = json.loads(path.read_text(encoding="utf-8")).get("predictions")
+    try:
+        predictions = json.loads(path.read_text(encoding="utf-8")).get("predictions")
+    except (OSError, ValueError, AttributeError):  # unreadable: decoded again, and rewritten
+        return None
     return predictions if isinstance(predictions, list) and len(predictions) == n_rows else None
 
 
 def remember(folder: Path | None, key: str | None, source: str | None, predictions: list[str]) -> None:
-    """Store ``predictions`` under ``key`` (atomically; ``source`` names the adapter, for a reader)."""
-    if folder and key:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        write_json({"adapter": source, "predictions": predictions}, Path(folder) / f"{key}.json")
+    """Store ``predictions`` under ``key`` (``source`` names the adapter, for a reader): written to a temporary file
+    of its own and renamed, so a reader never sees half an entry and two writers of one key do not collide."""
+    if not (folder and key):
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"adapter": source, "predictions": predictions}, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, Path(folder) / f"{key}.json")

@@ -497,7 +497,7 @@ def test_prediction_cache_reuses_greedy_answers_and_misses_on_any_change(tmp_pat
     pd.testing.assert_frame_equal(again, first)
     appended, config = run("appended", PostprocessConfig(mean_prompt=MEAN, append_mean_prompt=True))
     assert config["prediction_cache"]["reused"] is True  # post-processing is not part of the key: it runs on a hit
-    assert all(p.endswith(MEAN) for p in appended["rewrite_prompt"]) and not appended.equals(first)
+    assert appended["rewrite_prompt"].tolist() == [p if p == MEAN else f"{p} {MEAN}" for p in first["rewrite_prompt"]]
     with pytest.raises(AssertionError, match="loaded on a cache hit"):
         run("longer", max_new_tokens=5)  # another decoding setting: another key
     with pytest.raises(AssertionError, match="loaded on a cache hit"):
@@ -506,11 +506,14 @@ def test_prediction_cache_reuses_greedy_answers_and_misses_on_any_change(tmp_pat
     pd.read_csv(test_csv).head(1).to_csv(other_rows, index=False)
     with pytest.raises(AssertionError, match="loaded on a cache hit"):
         run("other_rows", input=str(other_rows))
-    retrained = shutil.copytree(adapter_dir, tmp_path / "retrained")
-    weights = load_file(retrained / "adapter_model.safetensors")
-    save_file({k: v * 1.01 for k, v in weights.items()}, retrained / "adapter_model.safetensors")
+    moved = shutil.copytree(adapter_dir, tmp_path / "moved")  # the same bytes elsewhere: the same answers
+    assert run("moved", adapter=str(moved))[1]["prediction_cache"]["reused"] is True
+    weights = load_file(moved / "adapter_model.safetensors")  # retrained in place: the same path, other bytes
+    save_file({k: v * 1.01 for k, v in weights.items()}, moved / "adapter_model.safetensors")
     with pytest.raises(AssertionError, match="loaded on a cache hit"):
-        run("retrained", adapter=str(retrained))
+        run("retrained", adapter=str(moved))
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("off", prediction_cache="none")  # 'none': no cache read
 
 
 def test_truncated_adapter_is_a_one_line_error(tmp_path, test_csv, adapter_dir):
