@@ -479,8 +479,9 @@ def test_prediction_cache_reuses_greedy_answers_and_misses_on_any_change(tmp_pat
     cache = tmp_path / "cache"
 
     def run(name, post=None, **overrides):
-        args = PredictArguments(input=str(test_csv), output=str(tmp_path / f"{name}.csv"), adapter=str(adapter_dir),
-                                load_in_4bit=False, prediction_cache=str(cache), **{**FAST, **overrides})
+        args = PredictArguments(**{"input": str(test_csv), "output": str(tmp_path / f"{name}.csv"),
+                                   "adapter": str(adapter_dir), "load_in_4bit": False, "prediction_cache": str(cache),
+                                   **FAST, **overrides})
         args.max_text_tokens = None  # the adapter's run config decides it
         submission = predict_file(args, post or PostprocessConfig(mean_prompt=MEAN))
         return submission, json.loads((tmp_path / f"{name}.config.json").read_text())
