@@ -19,7 +19,6 @@ seconds per candidate) and ``validation_predictions.parquet``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -50,6 +49,7 @@ from promptrec.po_select import (
 from promptrec.policy import MERGE_HELP, check_merge_choice, load_policy, resolve_policy, should_merge
 from promptrec.postprocess import PostprocessConfig, resolve_mean_prompt
 from promptrec.predict import predict_frame
+from promptrec.prediction_cache import adapter_digest, cache_key, cached, remember
 from promptrec.run_config import RUN_CONFIG, read_run_config
 from promptrec.scoring import ScorerArguments
 from promptrec.splits import CLUSTER_COLUMN
@@ -130,31 +130,12 @@ def cache_folder(args: SelectArguments) -> Path | None:
         args.prediction_cache)
 
 
-def cache_key(candidate: Candidate, settings: dict) -> str | None:
-    """Digest of what decides a candidate's greedy validation predictions: its adapter file's bytes and ``settings``
-    (validation file, rows, base, dtype, batch, length, mean prompt). None for an interpolation (built in memory)."""
-    if not candidate.path:
-        return None
-    weights = Path(candidate.path) / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    adapter = [file_digest(weights), file_digest(Path(candidate.path) / "adapter_config.json")]
-    text = json.dumps({"adapter": adapter, **settings}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def cached(folder: Path | None, key: str | None, n_rows: int) -> list[str] | None:
-    path = folder / f"{key}.json" if folder and key else None
-    if path is None or not path.is_file():
-        return None
-    predictions = json.loads(path.read_text(encoding="utf-8")).get("predictions")
-    return predictions if isinstance(predictions, list) and len(predictions) == n_rows else None
-
-
-def remember(folder: Path | None, key: str | None, candidate: Candidate, predictions: list[str]) -> None:
-    if folder and key:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json({"adapter": candidate.path, "predictions": predictions}, folder / f"{key}.json")
+def candidate_key(candidate: Candidate, settings: dict) -> str | None:
+    """The prediction-cache key of a candidate's greedy validation predictions: its adapter file's bytes and
+    ``settings`` (validation file, rows, base, dtype, batch, length, mean prompt). None for an interpolation (built
+    in memory)."""
+    digest = adapter_digest(candidate.path) if candidate.path else None
+    return cache_key(digest, settings) if digest else None
 
 
 def read_validation(args: SelectArguments) -> pd.DataFrame:
@@ -237,14 +218,14 @@ def main(args: SelectArguments) -> dict:
         settings["merged"] = True
     scores, predictions, seconds, reused = {}, {}, {}, []
     for c in candidates:
-        start, key = time.time(), cache_key(c, settings)
+        start, key = time.time(), candidate_key(c, settings)
         predictions[c.name] = cached(folder, key, len(validation))
         if predictions[c.name] is None:
             with active_adapter(model, adapter_name(c), merge):
                 frame = predict_frame(validation, model, tokenizer, post, params, args.batch_size,
                                       policy.max_text_tokens, progress=True)
             predictions[c.name] = frame["rewrite_prompt"].tolist()
-            remember(folder, key, c, predictions[c.name])
+            remember(folder, key, c.path, predictions[c.name])
         else:
             reused.append(c.name)
         scores[c.name] = scorer.score(predictions[c.name], validation["rewrite_prompt"].tolist())

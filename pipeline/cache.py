@@ -22,6 +22,9 @@ import yaml
 from promptrec.tables import file_digest, require_path, write_json
 
 RECORD = "stage.json"
+# Flags that say where finished work is kept, not what the output is: left out of a step's settings, so turning a
+# cache on (or moving it) does not re-run a finished stage.
+UNTRACKED = frozenset({"prediction_cache"})
 
 
 def input_digests(paths, root: Path) -> dict[str, str]:
@@ -60,7 +63,7 @@ def command_settings(script: str, argv: list[str], repo: Path, root: Path) -> di
         loaded = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
         values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in loaded.items()})
     values.update(flags)
-    return {k: v.replace(str(root), "<run>") for k, v in values.items()}
+    return {k: v.replace(str(root), "<run>") for k, v in values.items() if k not in UNTRACKED}
 
 
 def flatten(settings: dict[str, dict[str, str]]) -> dict[str, str]:

@@ -28,6 +28,8 @@ class RunPaths:
         self.reward_pairs, self.reward_model = self.reward / "pairs", self.reward / "model"
         self.control = r / "control"  # "SFT, continued": the compute-matched control of the DPO stages
         self.predict = r / "predict"
+        self.predict_cache = r / "predict_cache"  # greedy answers by adapter digest, rows and settings: kept when
+        # the predict stage re-runs, so an unchanged row (base, SFT) is not decoded again (promptrec/prediction_cache)
         self.predicted_rows = r / "predict" / "rows.json"  # what the predict stage decoded, per report row id
         self.rerank = r / "predict" / "rerank.json"  # the reward rows' choices on validation (docs/reward_model.md)
         self.report_md, self.report_json = r / "report.md", r / "report.json"

@@ -335,12 +335,14 @@ def predicted_adapters(job: Job) -> dict[str, Path | None]:
 def predict(job: Job) -> list[Step]:
     a, p = job.args, job.paths
     mean = ["--mean_prompt", p.mean_prompt]
+    forced = "predict" in a.force or "all" in a.force  # --force predict decodes afresh, the cache unread
+    cache = [] if forced else ["--prediction_cache", p.predict_cache]  # (not a setting: pipeline/cache.UNTRACKED)
     steps, rows = [], {}
     for row, adapter in predicted_adapters(job).items():
         # an adapter brings its base model and text budget (run_config.json); the base alone is told them
         policy = ["--adapter", adapter] if adapter else ["--model", a.model, "--max_text_tokens", a.max_text_tokens]
         steps.append(job.script("predict", "inference/predict.py", *policy, "--input", p.test_csv, "--output",
-                                p.prediction(row), *mean, name=row, out=p.predict / row))
+                                p.prediction(row), *mean, *cache, name=row, out=p.predict / row))
         rows[row] = {"adapter": str(adapter) if adapter else None, "selection": "greedy"}
     if a.mbr_candidates:
         last, greedy = p.last_dpo(a.dpo_rounds), "iterate" if a.dpo_rounds > 1 else "dpo"

@@ -17,12 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 import torch
 
-from promptrec.environment import describe_environment, model_dtype
+from promptrec import generation, models, templates
+from promptrec import policy as policy_module
+from promptrec.environment import cpu_model, describe_environment, library_versions, model_dtype
 from promptrec.generation import SamplingParams, default_batch_size, generate
 from promptrec.models import generation_dtype
 from promptrec.policy import (
@@ -35,6 +38,7 @@ from promptrec.policy import (
     should_merge,
 )
 from promptrec.postprocess import PostprocessConfig, clean_prediction, finalize, resolve_mean_prompt
+from promptrec.prediction_cache import adapter_digest, cache_key, cached, model_files, remember, tokenizer_digests
 from promptrec.run_config import override_field
 from promptrec.scoring import Scorer, ScorerArguments
 from promptrec.selection import CANDIDATE_SELECTIONS, Rewarder, SelectionRule, mbr_frame, mbr_pick_counts
@@ -42,6 +46,7 @@ from promptrec.tables import (
     SUBMISSION_COLUMNS,
     TEST_COLUMNS,
     DataError,
+    file_digest,
     read_table,
     require_path,
     write_json,
@@ -124,6 +129,11 @@ class PredictArguments(ScorerArguments):
                 "weight per standard deviation within the row; choose it on validation rows)."})
     reward_batch_size: int = field(default=16, metadata={
         "help": "Candidates per reward-model forward pass."})
+    prediction_cache: str | None = field(default=None, metadata={
+        "help": "Folder of greedy answers keyed by the adapter's bytes, the input rows and every setting that decides "
+                "the decode (promptrec/prediction_cache.py): a policy decoded before on the same rows with the same "
+                "settings is neither loaded nor decoded again (post-processing still runs). Greedy selection only; "
+                "default (or 'none'): off."})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -229,15 +239,43 @@ def predict_frame(test: pd.DataFrame, model, tokenizer, post: PostprocessConfig,
     raw = [next(outputs)[0] if good else "" for good in ok]  # the usable rows' answers, back in their places
     sources = list(zip(test["original_text"], test["rewritten_text"]))
     if samples is None:
-        cleaned = [clean_prediction(r, post, texts) for r, texts in zip(raw, sources)]
-        return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [finalize(c, post) for c in cleaned],
-                             "raw_prediction": raw, "fallback": [good and not c for good, c in zip(ok, cleaned)]})
+        return greedy_frame(test, raw, post)
     if scorer is None:
         raise ValueError("predict_frame: selection among candidates (samples=...) needs a scorer")
     sampled = iter(generate(model, tokenizer, conversations, samples, batch_size=batch_size, progress=progress,
                             desc=f"sample x{samples.num_return_sequences}") if conversations else [])
     extra = [next(sampled) if good else [] for good in ok]
     return mbr_frame(test["id"].to_numpy(), raw, extra, ok, sources, post, scorer, rule, reward_model)
+
+
+def greedy_frame(test: pd.DataFrame, raw: list[str], post: PostprocessConfig) -> pd.DataFrame:
+    """:func:`predict_frame`'s greedy result from the model's answers ``raw`` (one per row, "" where a text is
+    missing): cleaned with the row's texts, the mean prompt standing in for an unusable one."""
+    ok = usable_text_mask(test).to_numpy()
+    cleaned = [clean_prediction(r, post, texts) for r, texts in zip(raw, zip(test["original_text"],
+                                                                             test["rewritten_text"]))]
+    return pd.DataFrame({"id": test["id"].to_numpy(), "rewrite_prompt": [finalize(c, post) for c in cleaned],
+                         "raw_prediction": raw, "fallback": [good and not c for good, c in zip(ok, cleaned)]})
+
+
+def greedy_cache_key(args: PredictArguments, policy: Policy, merged: bool) -> str | None:
+    """The :mod:`promptrec.prediction_cache` key of ``policy``'s greedy answers to ``args.input``: the adapter's
+    bytes, the tokenizer it brings, the base and how it loads, the rows, and every decoding setting, plus the code
+    that renders prompts and decodes. None when the answers are not greedy (sampled or chosen among candidates) or
+    the rows are no local file."""
+    if args.selection != "greedy" or args.temperature > 0 or not Path(args.input).is_file():
+        return None  # (an hf: dataset has no file to digest)
+    adapter = adapter_digest(policy.adapter) if policy.adapter else None
+    if policy.adapter and adapter is None:
+        return None  # no weights file: loading fails with its own error
+    settings = {"input": file_digest(args.input), "nan_texts": args.nan_texts,
+                "policy": {**asdict(policy), "adapter": None}, "base_files": model_files(policy.model),
+                "tokenizer": tokenizer_digests(policy.tokenizer_source), "dtype": str(generation_dtype(args.dtype)),
+                "batch": args.batch_size, "tokens": args.max_new_tokens, "kv_cache": args.kv_cache, "merged": merged,
+                "code": {m.__name__: file_digest(m.__file__) for m in (generation, templates, models, policy_module)},
+                "machine": {"cpu": cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                            else None, **library_versions()}}
+    return cache_key(adapter, settings)
 
 
 def validate_submission(submission: pd.DataFrame, ids) -> None:
@@ -271,18 +309,27 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
         scorer = args.build()  # loads lazily; resolving the name first fails fast on a bad one
     if args.reward_model and reward_model is None:
         reward_model = load_rewarder(args.reward_model, args.dtype, args.reward_base, args.allow_config_override)
-    merged = False  # a model passed in is used as it is
+    merged, key, raw = False, None, None  # a model passed in is used as it is, and never cached
     if model is None:
         policy = policy_of(args)
         merged = should_merge(policy, args.merge_adapter)
-        model, tokenizer = load_policy(policy, generation_dtype(args.dtype), merge=merged)
         resolved = policy.summary()
+        key = greedy_cache_key(args, policy, merged) if args.prediction_cache not in (None, "", "none") else None
+        raw = cached(args.prediction_cache, key, len(test))
+        if raw is None:
+            model, tokenizer = load_policy(policy, generation_dtype(args.dtype), merge=merged)
     else:
         resolved = Policy(args.model, args.adapter, args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS, None).summary()
-    torch.manual_seed(args.seed)
-    result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
-                           resolved["max_text_tokens"], args.progress, samples=args.candidate_params(),
-                           scorer=scorer, rule=args.selection_rule(), reward_model=reward_model)
+    if raw is not None:
+        logger.info("Greedy answers of this policy on these rows reused from %s (key %s): no model loaded",
+                    args.prediction_cache, key)
+        result = greedy_frame(test, raw, post)
+    else:
+        torch.manual_seed(args.seed)
+        result = predict_frame(test, model, tokenizer, post, args.sampling_params(), args.batch_size,
+                               resolved["max_text_tokens"], args.progress, samples=args.candidate_params(),
+                               scorer=scorer, rule=args.selection_rule(), reward_model=reward_model)
+        remember(args.prediction_cache, key, resolved["adapter"], result["raw_prediction"].tolist())
     submission = result[list(SUBMISSION_COLUMNS)]
     validate_submission(submission, test["id"])
     output = write_table(submission, args.output)
@@ -296,7 +343,9 @@ def predict_file(args: PredictArguments, post: PostprocessConfig | None = None, 
     write_json({"args": asdict(args), "postprocess": asdict(post), "resolved": resolved, "merged_adapter": merged,
                 "selection": selection, "rows": len(test), "rows_without_text": n_bad, "fallbacks": n_fallback,
                 "seconds": round(time.time() - start, 2),
-                "environment": describe_environment(generation_dtype=model_dtype(model))},
+                "prediction_cache": {"key": key, "reused": raw is not None} if key else None,
+                "environment": describe_environment(generation_dtype=model_dtype(model) if model is not None else
+                                                    str(generation_dtype(args.dtype)).removeprefix("torch."))},
                output.with_name(f"{output.stem}.config.json"))
     logger.info("Wrote %d predictions to %s in %.1fs; %d of %d answers unusable → mean prompt (fallbacks), %d row(s) "
                 "without text", len(submission), output, time.time() - start, n_fallback, len(test) - n_bad, n_bad)

@@ -15,6 +15,13 @@ mkdir -p "$dst"
 for stage in rewrite split mean_prompt sft select_cache; do
   [ -e "$dst/$stage" ] || cp -a "$src/$stage" "$dst/"
 done
+# one cache of greedy test answers for every seed: the base and the shared SFT are decoded once, not once a seed
+mkdir -p "$src/predict_cache"
+if [ -d "$dst/predict_cache" ] && [ ! -L "$dst/predict_cache" ]; then
+  echo "$dst/predict_cache is a folder of its own: this seed does not share the seeds' cache" >&2
+elif [ ! -L "$dst/predict_cache" ]; then
+  ln -s "../$(basename "$src")/predict_cache" "$dst/predict_cache"
+fi
 exec "${PYTHON:-.venv/bin/python}" pipeline/run.py --config pipeline/configs/real_gemma.yaml --run_dir "$dst" \
   --dpo_rounds 1 --mbr_candidates 0 --grpo_recipe "" --reward_recipe "" \
   --extra sft:--learning_rate=3e-4 dpo:--beta=0.3 "pairs:--chosen_sources policy" "candidates:--seed=$n" \

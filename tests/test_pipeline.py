@@ -121,9 +121,15 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert_reward_rows(run_dir, report, md)
     recorded = {r["id"]: r["fallbacks"] for r in report["rows"]}  # answers the mean prompt stood in for
     assert recorded["constant"] is None and "| mean-prompt fallbacks |" in md
+    keys = {}  # greedy rows go through the run's prediction cache: an adapter decoded before is reused
     for name in ("base", "sft", "dpo", "iterate", "control", "grpo", "mbr"):
         config = json.loads((run_dir / "predict" / f"{name}.config.json").read_text())
         assert recorded[name] == config["fallbacks"] and 0 <= config["fallbacks"] <= config["rows"] == 6
+        if name != "mbr":  # (sampled: never cached)
+            cache = config["prediction_cache"]
+            assert cache["reused"] == (cache["key"] in keys.values())  # the same bytes twice (SFT shipped): reused
+            keys[name] = cache["key"]
+    assert sorted(p.stem for p in (run_dir / "predict_cache").glob("*.json")) == sorted(set(keys.values()))
 
     def again(*argv, extra=(GRPO_EXTRA,)):
         proc = subprocess.run([*PIPELINE[:-1], *extra, "--run_dir", str(run_dir), *argv], cwd=REPO,

@@ -29,6 +29,9 @@ def test_flags_and_recipe_values_resolve_like_trl_parser(tmp_path):
     assert settings["max_steps"] == "4"  # the command line wins over the recipe
     assert settings["learning_rate"] == "0.0002" and settings["lora_target_modules"] == '["q_proj", "v_proj"]'
     assert settings["output_dir"] == "<run>/sft"  # a moved run folder is the same run
+    cached = command_settings("inference/predict.py", ["--input", "t.csv", "--prediction_cache", str(run / "c")],
+                              REPO, run)
+    assert cached == command_settings("inference/predict.py", ["--input", "t.csv"], REPO, run)  # where, not what
 
 
 def test_changes_name_each_differing_value():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from promptrec.models import ModelNotFoundError, load_model
 from promptrec.policy import load_policy, policy_of, resolve_policy
@@ -468,10 +470,55 @@ def test_cli_records_whether_the_adapter_was_merged(tmp_path, test_csv, adapter_
     check_submission(out, ["b", "a"])
 
 
+def test_prediction_cache_reuses_greedy_answers_and_misses_on_any_change(tmp_path, test_csv, adapter_dir,
+                                                                         monkeypatch):
+    """A second decode of the same adapter on the same rows with the same settings loads no model and gives the same
+    submission; post-processing still runs on a hit; other settings, other rows or other adapter bytes miss."""
+    import promptrec.predict as predict_module
+
+    cache = tmp_path / "cache"
+
+    def run(name, post=None, **overrides):
+        args = PredictArguments(**{"input": str(test_csv), "output": str(tmp_path / f"{name}.csv"),
+                                   "adapter": str(adapter_dir), "load_in_4bit": False, "prediction_cache": str(cache),
+                                   **FAST, **overrides})
+        args.max_text_tokens = None  # the adapter's run config decides it
+        submission = predict_file(args, post or PostprocessConfig(mean_prompt=MEAN))
+        return submission, json.loads((tmp_path / f"{name}.config.json").read_text())
+
+    first, config = run("first")
+    assert config["prediction_cache"]["reused"] is False and len(list(cache.glob("*.json"))) == 1
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded on a cache hit")
+
+    monkeypatch.setattr(predict_module, "load_policy", no_model)
+    again, config = run("again")
+    assert config["prediction_cache"]["reused"] is True
+    pd.testing.assert_frame_equal(again, first)
+    appended, config = run("appended", PostprocessConfig(mean_prompt=MEAN, append_mean_prompt=True))
+    assert config["prediction_cache"]["reused"] is True  # post-processing is not part of the key: it runs on a hit
+    assert appended["rewrite_prompt"].tolist() == [p if p == MEAN else f"{p} {MEAN}" for p in first["rewrite_prompt"]]
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("longer", max_new_tokens=5)  # another decoding setting: another key
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("sampled", temperature=0.7)  # sampled answers are never cached
+    other_rows = tmp_path / "other.csv"
+    pd.read_csv(test_csv).head(1).to_csv(other_rows, index=False)
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("other_rows", input=str(other_rows))
+    moved = shutil.copytree(adapter_dir, tmp_path / "moved")  # the same bytes elsewhere: the same answers
+    assert run("moved", adapter=str(moved))[1]["prediction_cache"]["reused"] is True
+    weights = load_file(moved / "adapter_model.safetensors")  # retrained in place: the same path, other bytes
+    save_file({k: v * 1.01 for k, v in weights.items()}, moved / "adapter_model.safetensors")
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("retrained", adapter=str(moved))
+    with pytest.raises(AssertionError, match="loaded on a cache hit"):
+        run("off", prediction_cache="none")  # 'none': no cache read
+
+
 def test_truncated_adapter_is_a_one_line_error(tmp_path, test_csv, adapter_dir):
     """An adapter_model.safetensors cut short (a copy that died half way) names the file, in one line, no traceback."""
-    import shutil
-
     bad = shutil.copytree(adapter_dir, tmp_path / "bad")
     weights = bad / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
