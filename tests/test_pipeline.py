@@ -15,13 +15,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Every optional stage at its smallest: a second DPO round (6 fresh triplets a round), GRPO with 2 answers of 8
-# tokens per prompt for one step, MBR decoding over 2 samples, a reward model (2 steps) reranking those samples
-GRPO_EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
-              "--max_completion_length 8")
+# tokens per prompt for one step, MBR decoding over 2 samples, a reward model (2 steps) reranking those samples.
+# Each training step sees 2 rows (pairs), not the recipes' 8: a step of 8 took 40-70 s on a float32 CPU, and the
+# steps' size is no part of the hand-offs under test. Selection scores one interpolation (α 0.5), not three.
+EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+         "--max_completion_length 8", "sft:--per_device_train_batch_size 2", "dpo:--per_device_train_batch_size 1",
+         "reward:--per_device_train_batch_size 2")
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
             "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",
             "--grpo_recipe", "dpo/configs/grpo_smollm2.yaml", "--control", "true", "--control_seconds", "10",
-            "--reward_recipe", "reward/configs/rm_smollm2.yaml", "--extra", GRPO_EXTRA]
+            "--reward_recipe", "reward/configs/rm_smollm2.yaml", "--select_alphas", "0.5"]
 SKIPPED = "done before with the same settings and inputs, skipped"
 # constant, mean prompt, base zero-shot, SFT, DPO, DPO + mean prompt, iterative DPO, SFT continued, GRPO, MBR,
 # RM rerank, RM + MBR, oracle
@@ -99,8 +102,8 @@ def assert_reward_rows(run_dir: Path, report: dict, md: str) -> None:
 @pytest.mark.slow
 def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir):
     run_dir = tmp_path / "run"
-    first = subprocess.run([*PIPELINE, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                           check=False)
+    first = subprocess.run([*PIPELINE, "--extra", *EXTRA, "--run_dir", str(run_dir)], cwd=REPO, capture_output=True,
+                           text=True, check=False)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     report = json.loads((run_dir / "report.json").read_text())
@@ -131,8 +134,8 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
             keys[name] = cache["key"]
     assert sorted(p.stem for p in (run_dir / "predict_cache").glob("*.json")) == sorted(set(keys.values()))
 
-    def again(*argv, extra=(GRPO_EXTRA,)):
-        proc = subprocess.run([*PIPELINE[:-1], *extra, "--run_dir", str(run_dir), *argv], cwd=REPO,
+    def again(*argv, extra=EXTRA):
+        proc = subprocess.run([*PIPELINE, "--extra", *extra, "--run_dir", str(run_dir), *argv], cwd=REPO,
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return {line.split("] ", 1)[1].split(":")[0]: line.split(": ", 1)[1] for line in proc.stdout.splitlines()
@@ -144,7 +147,7 @@ def test_pipeline_tiny_end_to_end_then_rerun_skips(tmp_path, embedded_model_dir)
     assert plan["rewrite"] == SKIPPED  # the same 504 bundled rows at every size
     assert "max_heldout 6 → 120" in plan["split"] and "max_steps 2 → 40" in plan["sft"]
     assert all(plan[s].startswith("would run") for s in list(plan)[1:])
-    changed = (GRPO_EXTRA, "dpo:--beta 0.2")
+    changed = (*EXTRA, "dpo:--beta 0.2")
     plan, _ = again("--dry_run", "true", extra=changed)  # a changed DPO override: DPO onward, not SFT or GRPO
     assert [s for s, p in plan.items() if p != SKIPPED] == ["dpo", "iterate", "control", "predict", "report"]
     assert "beta 0.1 → 0.2" in plan["dpo"] and "round2/dpo beta 0.1 → 0.2" in plan["iterate"]
