@@ -11,6 +11,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# GRPO at its smallest for the end-to-end pipeline tests: one step of 2 answers of 8 tokens to 1 prompt
+TINY_GRPO = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+             "--max_completion_length 8")
 
 
 def load_script(relpath: str):

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from stage_helpers import TINY_GRPO
 
 REPO = Path(__file__).resolve().parents[1]
 # Every optional stage at its smallest: a second DPO round (6 fresh triplets a round), GRPO with 2 answers of 8
 # tokens per prompt for one step, MBR decoding over 2 samples, a reward model (2 steps) reranking those samples.
 # Each training step sees 2 rows (pairs), not the recipes' 8: a step of 8 took 40-70 s on a float32 CPU, and the
 # steps' size is no part of the hand-offs under test. Selection scores one interpolation (α 0.5), not three.
-EXTRA = ("grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
-         "--max_completion_length 8", "sft:--per_device_train_batch_size 2", "dpo:--per_device_train_batch_size 1",
+EXTRA = (TINY_GRPO, "sft:--per_device_train_batch_size 2", "dpo:--per_device_train_batch_size 1",
          "reward:--per_device_train_batch_size 2")
 PIPELINE = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", "pipeline/configs/smollm2.yaml",
             "--size", "tiny", "--dpo_rounds", "2", "--candidate_triplets", "6", "--mbr_candidates", "2",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from stage_helpers import recounted_fallbacks, tiny_target_checkpoint
+from stage_helpers import TINY_GRPO, recounted_fallbacks, tiny_target_checkpoint
 
 from promptrec.predict import PredictArguments, predict_file
 from promptrec.tables import DataError
@@ -24,8 +24,7 @@ TARGETS = {"phi2": "phi", "mistral7b": "mistral"}
 # a 49k vocabulary took 60 s a DPO step and 3 min a GRPO step of a 2-layer model on a float32 CPU
 ROWS_PER_STEP = ("sft:--per_device_train_batch_size 1 --gradient_accumulation_steps 1",
                  "dpo:--per_device_train_batch_size 1 --gradient_accumulation_steps 1",
-                 "grpo:--num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
-                 "--max_completion_length 8")
+                 TINY_GRPO)
 
 
 def recipe(path: str) -> dict:
